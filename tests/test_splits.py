@@ -144,6 +144,8 @@ def test_argument_errors():
     splits.train_val_test_split(df, fractions=(0.7, 0.2, 0.2), seed=0)
   with pytest.raises(ValueError, match="n_folds"):
     splits.kfold_with_holdout(df, n_folds=1, seed=0)
+  with pytest.raises(ValueError, match=r"no observed value: \['os_event'\].*dm_event"):
+    splits.train_val_test_split(public.load_cohort_table("gbsg"), seed=0)
   s = splits.train_val_test_split(df, fractions=(0.8, 0.0, 0.2), seed=0)
   assert s.val == () and len(s.test) == 4
   with pytest.raises(ValueError, match="absent from the table"):

@@ -228,6 +228,12 @@ def _prepare(df: pd.DataFrame, id_column: str, stratify) -> tuple[pd.DataFrame, 
   if missing:
     raise ValueError(f"stratify columns absent from the table: {missing}; available: "
                      f"{_listing(map(str, df.columns), 30)}")
+  empty = [c for c in stratify if df[c].isna().all()]
+  if empty and len(df):
+    # E.g. the default os_event on a cohort without OS (gbsg, breast_cancer):
+    # stratifying on it would silently stratify on nothing.
+    raise ValueError(f"stratify columns with no observed value: {empty}; choose columns "
+                     "the cohort has (e.g. 'dm_event' where OS is absent)")
   order = np.argsort(ids, kind="stable")
   # Sorting by id makes the split independent of the table's row order.
   return df.iloc[order].reset_index(drop=True), ids[order], stratify
@@ -256,8 +262,9 @@ def train_val_test_split(df: pd.DataFrame, *, fractions=(0.7, 0.15, 0.15),
     :class:`Split` with sorted id tuples and ``meta``.
 
   Raises:
-    ValueError: duplicate or missing patient ids (named), absent stratify
-      columns (listed), bad fractions, or too few patients for a part.
+    ValueError: duplicate or missing patient ids (named), absent or
+      entirely missing stratify columns (listed; e.g. the default
+      ``os_event`` on gbsg), bad fractions, or too few patients for a part.
   """
   fr = _check_fractions(fractions)
   data, ids, stratify = _prepare(df, id_column, stratify)
