@@ -47,7 +47,6 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import math
 import os
 import pathlib
 import struct
