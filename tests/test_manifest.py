@@ -58,8 +58,8 @@ SPEC = mf.CohortSpec(channels=("t1c", "t2fs"), mask="mask", numeric=("age",),
 
 
 def _manifest(folder, rows):
-  path = folder / "cohort.csv"
-  pd.DataFrame(rows).to_csv(path, index=False)
+  path = mf.write_manifest(rows, folder / "cohort.csv")
+  assert path == folder / "cohort.csv" and path.is_file()
   return path
 
 
