@@ -16,6 +16,7 @@ import scipy.ndimage
 import scipy.stats
 from sksurv.metrics import concordance_index_censored
 
+from jaxsurv.data import manifest as manifest_lib
 from jaxsurv.data import phantom
 
 # Small arrays with coarse voxels: the anatomy is in mm, so the field of view
@@ -74,6 +75,18 @@ def test_sarcoma_manifest_and_nifti_files(sarcoma_dir):
     # The mask covers the tumour: it is brighter than the whole volume on T2-FS.
     t2 = imgs["t2fs"][1].astype(float)
     assert t2[mask == 1].mean() > 1.5 * t2.mean()
+
+
+@pytest.mark.parametrize("cohort", ["sarcoma_phantom", "rotterdam_rendered"])
+def test_manifest_passes_cohort_validation(cohort, sarcoma_dir, rotterdam_dir):
+  root = sarcoma_dir if cohort == "sarcoma_phantom" else rotterdam_dir
+  spec = phantom.cohort_spec(cohort)
+  assert set(spec.clinical) == set(phantom.model_input_columns(cohort))
+  report = manifest_lib.validate_cohort(root / phantom.MANIFEST_NAME, spec, check_images="full")
+  assert report.ok, str(report)
+  assert not report.warnings, str(report)
+  table = manifest_lib.read_manifest(root / phantom.MANIFEST_NAME, spec)
+  assert all(pathlib.Path(p).is_file() for p in table["t1c"])
 
 
 def test_sarcoma_determinism_and_subsets(sarcoma_dir, tmp_path):

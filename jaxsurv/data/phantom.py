@@ -175,6 +175,33 @@ def model_input_columns(cohort: str) -> tuple[str, ...]:
   return tuple(CLINICAL_SPECS[cohort])
 
 
+def cohort_spec(cohort: str):
+  """The ``jaxsurv.data.manifest.CohortSpec`` of a demo cohort's manifest.
+
+  Channels ``("t1c", "t2fs")``, mask ``"mask"``, outcomes ``("os", "dm")``,
+  and the clinical columns of the cohort's spec dict split into numeric and
+  categorical (with their levels). Oracle, latent and render-reference
+  columns are not in it, so nothing built from the spec feeds them to a
+  model.
+
+  Args:
+    cohort: ``"sarcoma_phantom"`` or ``"rotterdam_rendered"``.
+
+  Raises:
+    ValueError: for an unknown cohort name.
+  """
+  from jaxsurv.data import manifest  # pylint: disable=import-outside-toplevel
+  spec = CLINICAL_SPECS[cohort] if cohort in CLINICAL_SPECS else None
+  if spec is None:
+    model_input_columns(cohort)  # raises the ValueError naming the cohorts
+  numeric = tuple(k for k, v in spec.items() if v["kind"] == "numeric")
+  categorical = tuple(k for k, v in spec.items() if v["kind"] == "categorical")
+  return manifest.CohortSpec(
+      channels=IMAGE_COLUMNS, mask=MASK_COLUMN, numeric=numeric, categorical=categorical,
+      outcomes=("os", "dm"),
+      categorical_levels={k: tuple(str(v) for v in spec[k]["levels"]) for k in categorical})
+
+
 # ---------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------
@@ -812,8 +839,8 @@ def write_sarcoma_phantom(out_dir, *, n_patients: int = 300, seed: int = 0,
   files = pd.DataFrame(paths, columns=["t1c", "t2fs", "mask"])
   clinical = list(SARCOMA_CLINICAL_SPEC)
   rest = [c for c in table.columns if c not in clinical + ["patient_id", *OUTCOME_COLUMNS]]
-  manifest = pd.concat([table[["patient_id"]], files, table[clinical + list(OUTCOME_COLUMNS) + rest]],
-                       axis=1)
+  manifest = pd.concat(
+      [table[["patient_id"]], files, table[clinical + list(OUTCOME_COLUMNS) + rest]], axis=1)
   return _write_manifest(manifest, out_dir)
 
 
@@ -925,7 +952,7 @@ def render_rotterdam_volumes(patient_id: str, size_band: str, grade: int, *,
     # A tiny tumour between voxel centres: keep at least its central voxel.
     idx = tuple(int(np.argmin(np.abs(g.reshape(-1) - c))) for g, c in zip(grids, t_c))
     tumour[idx] = True
-  core = tumour & (rho * (1 + 0.1 * f_het) < np.cbrt(necrosis)) if necrosis > 0 else np.zeros_like(tumour)
+  core = tumour & (rho * (1 + 0.1 * f_het) < np.cbrt(necrosis))   # empty if necrosis == 0
   r_c = np.sqrt(dx * dx + dy * dy + dz * dz)
   dist_out = r_c * (1 - 1 / np.maximum(rho, 1.0))
 
