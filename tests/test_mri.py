@@ -7,6 +7,7 @@ so the expected output follows from physics, not from the code under test.
 """
 
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -166,6 +167,9 @@ def test_to_original_space_puts_values_back(sphere_case):
   centroid = (geom.index_to_physical(kji[:, ::-1]) * w[:, None]).sum(0) / w.sum()
   expected = case.grid_geometry.index_to_physical(dhw[::-1])
   np.testing.assert_allclose(centroid, expected, atol=1.0)
+  # The same from stored geometries alone (prepared datasets keep only those).
+  again = mri.grid_to_original(blob, case.grid_geometry, case.original_geometry)
+  np.testing.assert_array_equal(sitk.GetArrayFromImage(again), arr)
   # Outside the crop box the map is the default value.
   assert arr[0, 0, 0] == 0.0
   with pytest.raises(ValueError, match=r"expected shape \(32, 32, 32\)"):
@@ -305,8 +309,10 @@ def test_clear_errors_name_the_file(tmp_path, sphere_case):
   trunc = tmp_path / "trunc.nii.gz"
   data = pathlib.Path(ip).read_bytes()
   trunc.write_bytes(data[: len(data) // 2])
-  with pytest.raises(mri.ImageFileError, match=str(trunc)):
+  with pytest.raises(mri.ImageFileError, match=str(trunc)) as exc:
     mri.preprocess_case([trunc], mp, CFG)
+  copy = pickle.loads(pickle.dumps(exc.value))  # Survives a worker process.
+  assert str(copy) == str(exc.value) and copy.path == str(trunc)
   with pytest.raises(mri.ImageFileError, match="file not found"):
     mri.preprocess_case([tmp_path / "nope.nii.gz"], mp, CFG)
   flat = tmp_path / "flat.nii.gz"

@@ -76,7 +76,11 @@ class ImageFileError(ValueError):
 
   def __init__(self, path: PathLike, message: str):
     self.path = str(path)
+    self.reason = message
     super().__init__(f"{self.path}: {message}")
+
+  def __reduce__(self):  # Picklable, so errors survive worker processes.
+    return (type(self), (self.path, self.reason))
 
 
 class GeometryMismatchError(ValueError):
@@ -500,25 +504,20 @@ class PreprocessedCase:
 
   def grid_image(self, grid_array) -> sitk.Image:
     """Wraps a grid-space array ``[D, H, W]`` as a float32 ``sitk.Image`` with the grid's geometry."""
-    arr = np.asarray(grid_array, np.float32)
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-      arr = arr[..., 0]
-    expected = tuple(self.grid_geometry.size[::-1])
-    if arr.shape != expected:
-      raise ValueError(f"grid_array: expected shape {expected} [D, H, W], got {arr.shape}")
-    return self.grid_geometry.apply_to(sitk.GetImageFromArray(arr))
+    return grid_image(grid_array, self.grid_geometry)
 
   def to_original_space(self, grid_array, *, interpolation: str = "linear",
                         default_value: float = 0.0) -> sitk.Image:
     """Resamples a grid-space map back onto the first channel's original grid.
 
     Used for Grad-CAM heat maps: ``sitk.WriteImage(case.to_original_space(cam),
-    "cam.nii.gz")`` overlays on the original T1 file in any viewer.
+    "cam.nii.gz")`` overlays on the original T1 file in any viewer. Same as
+    ``grid_to_original(grid_array, case.grid_geometry, case.original_geometry)``.
 
     Args:
       grid_array: ``[D, H, W]`` (or ``[D, H, W, 1]``) values on the output grid.
       interpolation: nearest, linear, bspline or lanczos.
-      default_value: value outside the grid's box (mm extent of the crop).
+      default_value: value outside the grid's box (the crop's mm extent).
 
     Returns:
       float32 ``sitk.Image`` with the original file's size, origin, spacing
@@ -527,10 +526,43 @@ class PreprocessedCase:
     Raises:
       ValueError: if ``grid_array`` does not have the grid's shape.
     """
-    if interpolation not in _INTERPOLATORS:
-      raise ValueError(f"interpolation: {interpolation!r} not in {sorted(_INTERPOLATORS)}")
-    return _resample(self.grid_image(grid_array), self.original_geometry,
-                     _INTERPOLATORS[interpolation], default_value)
+    return grid_to_original(grid_array, self.grid_geometry, self.original_geometry,
+                            interpolation=interpolation, default_value=default_value)
+
+
+def grid_image(grid_array, grid_geometry: Geometry) -> sitk.Image:
+  """Wraps ``[D, H, W]`` (or ``[D, H, W, 1]``) values as a float32 image on ``grid_geometry``.
+
+  Raises:
+    ValueError: if the array's shape is not ``grid_geometry.size`` reversed.
+  """
+  arr = np.asarray(grid_array, np.float32)
+  if arr.ndim == 4 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  expected = tuple(grid_geometry.size[::-1])
+  if arr.shape != expected:
+    raise ValueError(f"grid_array: expected shape {expected} [D, H, W], got {arr.shape}")
+  return grid_geometry.apply_to(sitk.GetImageFromArray(arr))
+
+
+def grid_to_original(grid_array, grid_geometry: Geometry, original_geometry: Geometry, *,
+                     interpolation: str = "linear", default_value: float = 0.0) -> sitk.Image:
+  """Resamples a grid-space map ``[D, H, W]`` onto an original image grid (physical space).
+
+  For geometries stored with a prepared dataset (no ``PreprocessedCase`` at
+  hand); see ``PreprocessedCase.to_original_space``.
+
+  Returns:
+    float32 ``sitk.Image`` on ``original_geometry``; ``default_value`` outside
+    the grid's box.
+
+  Raises:
+    ValueError: wrong array shape or unknown interpolation.
+  """
+  if interpolation not in _INTERPOLATORS:
+    raise ValueError(f"interpolation: {interpolation!r} not in {sorted(_INTERPOLATORS)}")
+  return _resample(grid_image(grid_array, grid_geometry), original_geometry,
+                   _INTERPOLATORS[interpolation], default_value)
 
 
 # --------------------------------------------------------------------------
