@@ -7,6 +7,7 @@ report all of them with patient, column and file.
 
 import os
 import pathlib
+import pickle
 
 import nibabel as nib
 import numpy as np
@@ -169,6 +170,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     if p.file:
       assert p.file in msg
   assert exc.value.problems == report.problems
+  assert str(pickle.loads(pickle.dumps(exc.value))) == msg
   assert "P07" not in msg and "P01" not in msg
 
 

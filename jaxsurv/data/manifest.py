@@ -195,8 +195,12 @@ class CohortValidationError(ValueError):
 
   def __init__(self, problems: Sequence[Problem], source: str = "cohort"):
     self.problems = tuple(problems)
+    self.source = source
     lines = "\n".join(f"  {i + 1}. {p}" for i, p in enumerate(self.problems))
     super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
+
+  def __reduce__(self):  # Picklable, so errors survive worker processes.
+    return (type(self), (self.problems, self.source))
 
 
 @dataclasses.dataclass(frozen=True)
