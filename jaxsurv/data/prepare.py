@@ -1,0 +1,995 @@
+"""Prepared once: each cohort becomes a versioned TFDS dataset, read back in memory or with grain.
+
+A cohort is validated, preprocessed (``jaxsurv.data.mri.preprocess_case``) and
+written once as a TensorFlow Datasets (TFDS) dataset in ArrayRecord format
+(``file_format="array_record"``; TensorFlow is not needed, see STACK.md §7).
+Later runs read the prepared files instead of redoing the work:
+
+* ``prepare_cohort(name_or_manifest, ...)`` prepares if needed and returns a
+  ``PreparedCohort`` with every patient in memory (table + image arrays);
+* ``prepare_dataset(...)`` only prepares and returns the dataset's folder;
+* ``load_prepared(dataset_dir)`` reads a prepared folder back;
+* ``grain_batches(...)`` streams shuffled batches with grain for cohorts that
+  do not fit in memory;
+* ``python -m jaxsurv.data prepare NAME`` is the command-line entry point
+  (see ``jaxsurv/data/__main__.py``).
+
+**Cohorts.** ``sarcoma_phantom`` and ``rotterdam_rendered`` are the demo image
+cohorts of ``jaxsurv.data.phantom``: their NIfTI files and manifest are
+written on first use into ``cache_dir("cohorts", name, "seed<S>-n<N>")``,
+deterministically from the seed. ``rotterdam``, ``gbsg``, ``tcga_brca`` and
+``breast_cancer`` are the tabular cohorts of ``jaxsurv.data.public``. Any
+other argument is a path to a user manifest CSV (``jaxsurv.data.manifest``
+format) and needs a ``CohortSpec``.
+
+**Versions.** One TFDS builder, ``jaxsurv_cohort``, holds every cohort as a
+builder config whose name encodes what determines the data:
+
+* demo cohorts: ``<name>-seed<S>-n<N>-<D>x<H>x<W>-fp<fingerprint>``;
+* user manifests: ``<manifest stem>-<content hash>-<D>x<H>x<W>-fp<fingerprint>``
+  (the hash covers the CSV bytes, the spec and each image file's path, size
+  and modification time, so an edited manifest or a replaced image prepares a
+  new version);
+* tabular cohorts: ``<name>-tab-<content hash of the table>``.
+
+``<fingerprint>`` is ``PreprocessConfig.fingerprint()``, which hashes every
+preprocessing setting and the pipeline version, so a changed setting prepares
+a new dataset side by side instead of reusing a stale one. The folder is
+``<data_dir>/jaxsurv_cohort/<config name>/<VERSION>/`` (default ``data_dir``:
+``cache_dir("tfds")``); ``VERSION`` changes when the stored features change.
+A folder that holds a complete dataset (TFDS writes ``dataset_info.json``
+last) is reused as is; ``force=True`` deletes and rewrites it.
+
+**Stored features** (one example per patient, split ``"patients"``, in
+manifest order):
+
+* ``patient_id`` (Text), ``index`` (int64, manifest row);
+* ``row_json`` (Text): the manifest's non-path columns of that row (clinical
+  raw values, outcomes, site/split, oracle columns of the demo cohorts) as
+  JSON; with the column dtypes kept in the dataset metadata the table is
+  rebuilt exactly (``pandas.testing.assert_frame_equal`` holds);
+* ``<o>_time`` (float32, days) and ``<o>_event`` (int32, 1 = event, 0 =
+  censored) for each outcome ``o`` of the spec, for fast batching. TFDS
+  stores floats as float32, so exact durations come from the table;
+* image cohorts only: ``image`` float32 ``[D, H, W, C]`` and ``mask`` uint8
+  ``[D, H, W]`` (zlib-compressed tensors), ``image_present`` (bool) and
+  ``case_json`` (Text: grid and original geometry, z-score statistics and
+  source files, for mapping grid-space maps back with ``to_original_space``).
+
+**Missing images.** A patient whose image cells are empty in the manifest is
+kept with ``image_present=False`` and an all-zero volume and mask, never
+dropped. A path that is given but points to no file is a validation error by
+default (usually a typo or an unmounted disk); with
+``missing_images="absent"`` such patients are kept as image-absent instead.
+
+**Validation first.** ``manifest.validate_cohort(...).raise_if_errors()`` runs
+before anything is preprocessed, so a bad cohort stops at once with every
+problem listed (patient, column, file). A case whose preprocessing fails
+stops preparation with ``PreprocessingError`` naming the patient; nothing is
+written (TFDS writes to a temporary folder and renames it at the end).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import pathlib
+import re
+import shutil
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
+import tqdm
+
+from jaxsurv.data import fetch
+from jaxsurv.data import manifest as mf
+from jaxsurv.data import mri
+from jaxsurv.data import phantom
+from jaxsurv.data import public
+
+PathLike = str | os.PathLike
+
+log = logging.getLogger(__name__)
+
+DATASET_NAME = "jaxsurv_cohort"
+SPLIT = "patients"
+# ``all`` is reserved by TFDS (it means "every split"); the one split is
+# called "patients" and ``split="all"`` also reads it.
+DEMO_COHORTS = ("sarcoma_phantom", "rotterdam_rendered")
+TABULAR_COHORTS = tuple(public.COHORTS)
+KNOWN_COHORTS = DEMO_COHORTS + TABULAR_COHORTS
+# Patients written by default (None = every rotterdam patient, 2982).
+DEMO_DEFAULT_N = {"sarcoma_phantom": 300, "rotterdam_rendered": None}
+_DEMO_DESCRIPTIONS = {
+    "sarcoma_phantom": "synthetic sarcoma MRI phantom (T1c, T2-FS, mask; 11 clinical; OS + DM; "
+                       "oracle eta): everything simulated",
+    "rotterdam_rendered": "real Rotterdam patients and outcomes with rendered breast volumes "
+                          "(size band and grade shown only in the image)",
+}
+
+# Default preprocessing of image cohorts (MMNN-like tumour-centred crop): the
+# mask's bounding box plus a 10 mm margin, resampled at 1 mm and resized to
+# 64^3 with one scale for all axes. This normalises tumour size away; where
+# size must stay visible use a fixed field of view (``fov_mm``).
+DEFAULT_PREPROCESS = mri.PreprocessConfig(grid=(64, 64, 64), spacing_mm=1.0, margin_mm=10.0,
+                                          keep_aspect=True)
+# rotterdam_rendered: the rendered tumour's diameter (6-80 mm, from the real
+# size band) is the image's prognostic signal, so a fixed 96 mm box (the
+# rendered volume's whole field of view, 48 x 2 mm and 16 x 6 mm) keeps size
+# visible; 1.5 mm x 64 = 96 mm, so no anti-aliasing blur is needed.
+ROTTERDAM_RENDERED_PREPROCESS = mri.PreprocessConfig(grid=(64, 64, 64), spacing_mm=1.5,
+                                                     fov_mm=96.0)
+
+# Stored tensors: zlib keeps zero padding and masks small; float32 values are
+# stored losslessly.
+_TENSOR_ENCODING = "zlib"
+_FORMAT_VERSION = "1.0.0"
+
+
+class _QuietTfdsConfigNotes(logging.Filter):
+  """Drops two absl notes that every prepared cohort triggers by design.
+
+  Each cohort is a dynamic builder config ("Using custom data
+  configuration ...") and is checked for existence before it is written
+  ("Variant folder ... has no dataset_info.json"); neither is a problem.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not (msg.startswith("Using custom data configuration")
+                or (msg.startswith("Variant folder") and "has no dataset_info.json" in msg))
+
+
+logging.getLogger("absl").addFilter(_QuietTfdsConfigNotes())
+
+
+class PreprocessingError(RuntimeError):
+  """Preprocessing one patient's images failed; the message names the patient and the cause."""
+
+
+def default_preprocess(name: str) -> mri.PreprocessConfig | None:
+  """The default ``PreprocessConfig`` for a known cohort (None for tabular cohorts).
+
+  ``rotterdam_rendered`` uses ``ROTTERDAM_RENDERED_PREPROCESS`` (fixed
+  96 mm field of view so that tumour size stays visible); other image
+  cohorts use ``DEFAULT_PREPROCESS``.
+  """
+  if name in TABULAR_COHORTS:
+    return None
+  if name == "rotterdam_rendered":
+    return ROTTERDAM_RENDERED_PREPROCESS
+  return DEFAULT_PREPROCESS
+
+
+def cohort_spec(name: str) -> mf.CohortSpec:
+  """The ``CohortSpec`` of a known cohort.
+
+  Demo cohorts: channels ``("t1c", "t2fs")``, mask ``"mask"``, the clinical
+  columns of ``phantom.CLINICAL_SPECS[name]`` (categorical levels checked),
+  outcomes ``("os", "dm")``. Tabular cohorts: no images, the covariates of
+  ``public.COHORTS[name]`` and its available endpoints (e.g. gbsg: ``("dm",)``).
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name in phantom.CLINICAL_SPECS:
+    clin = phantom.CLINICAL_SPECS[name]
+    numeric = tuple(c for c, d in clin.items() if d["kind"] == "numeric")
+    categorical = tuple(c for c, d in clin.items() if d["kind"] == "categorical")
+    levels = {c: tuple(clin[c]["levels"]) for c in categorical if "levels" in clin[c]}
+    return mf.CohortSpec(channels=phantom.IMAGE_COLUMNS, mask=phantom.MASK_COLUMN, numeric=numeric,
+                         categorical=categorical, outcomes=("os", "dm"), categorical_levels=levels)
+  if name in public.COHORTS:
+    info = public.COHORTS[name]
+    return mf.CohortSpec(channels=(), mask=None, numeric=info.numeric, categorical=info.categorical,
+                         outcomes=info.outcomes)
+  raise ValueError(f"cohort: unknown cohort {name!r}; known: {list(KNOWN_COHORTS)} "
+                   "(or pass a manifest CSV path with a spec)")
+
+
+def spec_to_json(spec: mf.CohortSpec) -> dict:
+  """A JSON-ready dict of a ``CohortSpec`` (``spec_from_json`` inverts it)."""
+  d = dataclasses.asdict(spec)
+  d["categorical_levels"] = {k: list(v) for k, v in spec.categorical_levels.items()}
+  return d
+
+
+def spec_from_json(d: Mapping[str, Any]) -> mf.CohortSpec:
+  """Builds a ``CohortSpec`` from a dict (e.g. a JSON spec file).
+
+  Keys are ``CohortSpec``'s field names: ``channels``, ``mask``, ``numeric``,
+  ``categorical``, ``outcomes``, ``categorical_levels``, ``geometry_tol_mm``,
+  ``require_same_grid``, ``id_column``, ``site_column``, ``split_column``;
+  missing keys take ``CohortSpec``'s defaults.
+
+  Raises:
+    ValueError: unknown keys (listed) or invalid values (from ``CohortSpec``).
+  """
+  fields = {f.name for f in dataclasses.fields(mf.CohortSpec)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ValueError(f"cohort spec: unknown keys {unknown}; allowed: {sorted(fields)}")
+  return mf.CohortSpec(**dict(d))
+
+
+def _preprocess_to_json(cfg: mri.PreprocessConfig) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def _preprocess_from_json(d: Mapping[str, Any]) -> mri.PreprocessConfig:
+  return mri.PreprocessConfig(**dict(d))
+
+
+# --------------------------------------------------------------------------
+# Table <-> JSON rows (exact round trip of values and dtypes).
+
+
+def _json_value(v):
+  """A cell as a JSON value; NaN/inf stay floats (Python's json writes NaN/Infinity)."""
+  if v is None or v is pd.NA or v is pd.NaT:
+    return None
+  if isinstance(v, (bool, np.bool_)):
+    return bool(v)
+  if isinstance(v, (int, np.integer)):
+    return int(v)
+  if isinstance(v, (float, np.floating)):
+    return float(v)
+  if isinstance(v, str):
+    return v
+  if isinstance(v, (pd.Timestamp, np.datetime64)):
+    return str(pd.Timestamp(v).isoformat())
+  return str(v)
+
+
+def _table_schema(table: pd.DataFrame) -> dict:
+  """Column order and dtypes (categories and order of categoricals) of a table."""
+  cols = []
+  for c in table.columns:
+    dt = table[c].dtype
+    entry = {"name": str(c), "dtype": str(dt)}
+    if isinstance(dt, pd.CategoricalDtype):
+      entry["categories"] = [_json_value(x) for x in dt.categories]
+      entry["ordered"] = bool(dt.ordered)
+    cols.append(entry)
+  return {"columns": cols}
+
+
+def _rebuild_table(rows: Sequence[Mapping[str, Any]], schema: Mapping[str, Any]) -> pd.DataFrame:
+  """Inverse of ``_table_schema`` + ``_json_value``: the table with its original dtypes."""
+  names = [c["name"] for c in schema["columns"]]
+  data = {}
+  for c in schema["columns"]:
+    values = [r.get(c["name"]) for r in rows]
+    dtype = c["dtype"]
+    if dtype == "category":
+      data[c["name"]] = pd.Categorical(values, categories=c["categories"], ordered=c["ordered"])
+    elif dtype == "object":
+      data[c["name"]] = pd.Series([np.nan if v is None else v for v in values], dtype=object)
+    else:
+      data[c["name"]] = pd.Series(values).astype(dtype)
+  return pd.DataFrame(data, columns=names)
+
+
+def _table_digest(table: pd.DataFrame) -> str:
+  h = hashlib.sha256(json.dumps(_table_schema(table), sort_keys=True).encode())
+  h.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+  return h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------
+# TFDS builder.
+
+
+@dataclasses.dataclass(kw_only=True)
+class CohortConfig(tfds.core.BuilderConfig):
+  """Builder config of one prepared cohort (the config ``name`` versions the data).
+
+  Attributes:
+    cohort: cohort name (known name or manifest stem).
+    grid: ``(D, H, W)`` voxels of the stored volumes; None for tabular cohorts.
+    n_channels: image channels ``C``; 0 for tabular cohorts.
+    outcomes: outcome names with typed ``<o>_time``/``<o>_event`` features.
+  """
+  cohort: str = ""
+  grid: tuple[int, int, int] | None = None
+  n_channels: int = 0
+  outcomes: tuple[str, ...] = ()
+
+  @property
+  def has_images(self) -> bool:
+    return self.n_channels > 0
+
+
+@dataclasses.dataclass
+class _Plan:
+  """What ``_generate_examples`` needs; set by ``prepare_dataset`` just before preparing."""
+  table: pd.DataFrame  # Non-path columns, one row per patient (manifest order).
+  spec: mf.CohortSpec
+  preprocess: mri.PreprocessConfig | None
+  image_paths: list | None  # Per patient: (channel paths, mask path) or None (absent).
+  metadata: dict
+  workers: int = 1
+  progress: bool = True
+
+
+class JaxsurvCohort(tfds.core.GeneratorBasedBuilder):
+  """TFDS builder of one jaxsurv cohort (see the module docstring for the features).
+
+  Construct it through ``prepare_dataset``/``prepare_cohort``: the config is
+  built from the cohort, spec and preprocessing settings, and the cohort's
+  rows are handed over in ``_plan``. Reading needs only the prepared folder
+  (``tfds.builder_from_directory``), not this class.
+  """
+
+  VERSION = tfds.core.Version(_FORMAT_VERSION)
+  RELEASE_NOTES = {_FORMAT_VERSION: "patient_id, index, row_json, outcomes; image cohorts: "
+                                    "image, mask, image_present, case_json."}
+  BUILDER_CONFIG_CLASS = CohortConfig
+
+  def __init__(self, *, plan: _Plan | None = None, **kwargs):
+    self._plan = plan
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg: CohortConfig = self.builder_config
+    feats: dict[str, Any] = {
+        "patient_id": tfds.features.Text(),
+        "index": tfds.features.Scalar(dtype=np.int64),
+        "row_json": tfds.features.Text(),
+    }
+    for o in cfg.outcomes:
+      feats[f"{o}_time"] = tfds.features.Scalar(dtype=np.float32, doc=f"{o} duration (days)")
+      feats[f"{o}_event"] = tfds.features.Scalar(dtype=np.int32, doc=f"{o} event (1 = event)")
+    if cfg.has_images:
+      d, h, w = cfg.grid
+      feats["image"] = tfds.features.Tensor(shape=(d, h, w, cfg.n_channels), dtype=np.float32,
+                                            encoding=_TENSOR_ENCODING)
+      feats["mask"] = tfds.features.Tensor(shape=(d, h, w), dtype=np.uint8,
+                                           encoding=_TENSOR_ENCODING)
+      feats["image_present"] = tfds.features.Scalar(dtype=np.bool_)
+      feats["case_json"] = tfds.features.Text()
+    return tfds.core.DatasetInfo(
+        builder=self, description=f"jaxsurv cohort {cfg.cohort!r} ({cfg.name})",
+        features=tfds.features.FeaturesDict(feats), metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True)  # Keep manifest order on disk.
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is local.
+    if self._plan is None:
+      raise RuntimeError("JaxsurvCohort: prepare through jaxsurv.data.prepare.prepare_dataset "
+                         "(the builder needs the validated cohort)")
+    self.info.metadata.update(self._plan.metadata)
+    return {SPLIT: self._generate_examples()}
+
+  def _generate_examples(self) -> Iterator[tuple[int, dict]]:
+    plan = self._plan
+    cfg: CohortConfig = self.builder_config
+    table = plan.table
+    ids = table[plan.spec.id_column].astype(str).tolist()
+    rows = table.to_dict("records")
+    cases = _iter_cases(plan, ids) if cfg.has_images else iter(())
+    bar = tqdm.tqdm(total=len(rows), desc=f"preparing {cfg.cohort}", unit="patient",
+                    disable=not plan.progress)
+    with bar:
+      for i, (pid, row) in enumerate(zip(ids, rows)):
+        ex = {"patient_id": pid, "index": i,
+              "row_json": json.dumps({k: _json_value(v) for k, v in row.items()})}
+        for o in cfg.outcomes:
+          ex[f"{o}_time"] = np.float32(row[f"{o}_time"])
+          ex[f"{o}_event"] = np.int32(row[f"{o}_event"])
+        if cfg.has_images:
+          j, volume, mask, case_json = next(cases)
+          assert j == i, (j, i)  # _iter_cases keeps order.
+          ex.update(image=volume, mask=mask, image_present=case_json != "", case_json=case_json)
+        bar.update(1)
+        yield i, ex
+
+
+def _geometry_json(g: mri.Geometry) -> dict:
+  return dataclasses.asdict(g)
+
+
+def _preprocess_one(args) -> tuple:
+  """Worker: ``(i, pid, paths, mask_path, cfg)`` -> ``(i, volume, mask, case_json, error)``.
+
+  Errors come back as text (not raised): some exception types (e.g.
+  ``mri.ImageFileError``) cannot be pickled back from a worker process.
+  """
+  i, pid, paths, mask_path, cfg = args
+  try:
+    case = mri.preprocess_case(paths, mask_path, cfg)
+  except Exception as e:  # pylint: disable=broad-except
+    return i, None, None, "", f"{type(e).__name__}: {e}"
+  info = {"grid_geometry": _geometry_json(case.grid_geometry),
+          "original_geometry": _geometry_json(case.original_geometry),
+          "channel_mean": case.channel_mean, "channel_std": case.channel_std,
+          "image_paths": list(case.image_paths), "mask_path": case.mask_path,
+          "fingerprint": case.fingerprint}
+  return i, case.volume, case.mask, json.dumps(info), None
+
+
+def _iter_cases(plan: _Plan, ids: Sequence[str]) -> Iterator[tuple]:
+  """Yields ``(i, volume, mask, case_json)`` in patient order; zeros for absent images.
+
+  With ``plan.workers > 1`` cases run in a spawn-context process pool with at
+  most ``2 * workers`` cases in flight (bounded memory); spawn, not fork,
+  because the parent may hold JAX/TFDS threads.
+
+  Raises:
+    PreprocessingError: naming the first patient whose preprocessing failed.
+  """
+  cfg = plan.preprocess
+  n_ch = len(plan.spec.channels)
+  zeros = (np.zeros(tuple(cfg.grid) + (n_ch,), np.float32), np.zeros(tuple(cfg.grid), np.uint8))
+  jobs = [(i, ids[i], list(p[0]), p[1], cfg) for i, p in enumerate(plan.image_paths)
+          if p is not None]
+
+  def results():
+    if plan.workers <= 1 or len(jobs) <= 1:
+      yield from map(_preprocess_one, jobs)
+      return
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(plan.workers, mp_context=ctx) as pool:
+      pending = collections.deque()
+      it = iter(jobs)
+      for job in it:
+        pending.append(pool.submit(_preprocess_one, job))
+        if len(pending) >= 2 * plan.workers:
+          break
+      while pending:
+        yield pending.popleft().result()
+        job = next(it, None)
+        if job is not None:
+          pending.append(pool.submit(_preprocess_one, job))
+
+  done = results()
+  for i in range(len(ids)):
+    if plan.image_paths[i] is None:
+      yield i, zeros[0], zeros[1], ""
+      continue
+    j, volume, mask, case_json, err = next(done)
+    if err is not None:
+      raise PreprocessingError(f"patient {ids[j]!r} (row {j}): preprocessing failed: {err}")
+    yield j, volume, mask, case_json
+
+
+# --------------------------------------------------------------------------
+# Preparing.
+
+
+def _default_data_dir(data_dir) -> pathlib.Path:
+  return pathlib.Path(data_dir) if data_dir is not None else fetch.cache_dir("tfds")
+
+
+def _grid_tag(cfg: mri.PreprocessConfig) -> str:
+  return "x".join(str(g) for g in cfg.grid)
+
+
+def _slug(text: str) -> str:
+  """A config-name-safe version of a file stem (TFDS config names: letters, digits, _ and -)."""
+  s = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
+  return s or "cohort"
+
+
+def _demo_manifest(name: str, n_patients: int | None, seed: int, progress: bool) -> pathlib.Path:
+  """Writes (once) a demo cohort's NIfTI files and manifest; returns the manifest path.
+
+  The manifest is written last and atomically by ``phantom``, so its presence
+  means the cohort is complete.
+  """
+  folder = fetch.cache_dir("cohorts", name, f"seed{seed}-n{n_patients or 'all'}")
+  path = folder / phantom.MANIFEST_NAME
+  if path.is_file():
+    return path
+  if name == "sarcoma_phantom":
+    return phantom.write_sarcoma_phantom(folder, n_patients=n_patients, seed=seed, progress=progress)
+  return phantom.write_rotterdam_rendered(folder, n_patients=n_patients, seed=seed, progress=progress)
+
+
+def _manifest_digest(path: pathlib.Path, df: pd.DataFrame, spec: mf.CohortSpec) -> str:
+  """Hash of a manifest's bytes, its spec and each referenced file's (path, size, mtime)."""
+  h = hashlib.sha256(path.read_bytes())
+  h.update(json.dumps(spec_to_json(spec), sort_keys=True).encode())
+  for col in spec.path_columns:
+    if col not in df.columns:
+      continue
+    for p in df[col]:
+      if p is None:
+        h.update(b"<none>")
+        continue
+      try:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+      except OSError:
+        h.update(f"{p}|<missing>".encode())
+  return h.hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class _Resolved:
+  """A cohort argument resolved to a config name and a way to load its rows."""
+  cohort: str
+  kind: str  # "demo", "tabular" or "manifest".
+  spec: mf.CohortSpec
+  preprocess: mri.PreprocessConfig | None
+  config_name: str
+  source: str
+  load: Any  # () -> (DataFrame of the manifest/table, manifest source for messages).
+
+
+def _resolve(name_or_manifest, spec, preprocess, n_patients, seed, progress) -> _Resolved:
+  arg = os.fspath(name_or_manifest)
+  if arg in KNOWN_COHORTS:
+    if spec is not None:
+      raise ValueError(f"spec: cohort {arg!r} has a built-in spec; pass spec only with a manifest "
+                       "path")
+    spec = cohort_spec(arg)
+  if arg in DEMO_COHORTS:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    if n_patients is None:
+      n_patients = DEMO_DEFAULT_N[arg]
+    if n_patients is not None and (isinstance(n_patients, bool) or int(n_patients) != n_patients
+                                   or n_patients < 1):
+      raise ValueError(f"n_patients: expected a positive int or None, got {n_patients!r}")
+    n = None if n_patients is None else int(n_patients)
+    preprocess = preprocess or default_preprocess(arg)
+    name = (f"{arg}-seed{int(seed)}-n{n or 'all'}-{_grid_tag(preprocess)}"
+            f"-fp{preprocess.fingerprint()}")
+
+    def load():
+      path = _demo_manifest(arg, n, int(seed), progress)
+      return mf.read_manifest(path, spec), str(path)
+    return _Resolved(arg, "demo", spec, preprocess, name, f"jaxsurv.data.phantom ({arg}, seed "
+                     f"{int(seed)}, {n or 'all'} patients)", load)
+
+  if n_patients is not None:
+    raise ValueError(f"n_patients: only demo cohorts {list(DEMO_COHORTS)} can be subset, got "
+                     f"n_patients={n_patients!r} for {arg!r}")
+  if arg in TABULAR_COHORTS:
+    if preprocess is not None:
+      raise ValueError(f"preprocess: cohort {arg!r} has no images")
+    table = public.load_cohort_table(arg)
+    name = f"{arg}-tab-{_table_digest(table)}"
+    return _Resolved(arg, "tabular", spec, None, name, f"jaxsurv.data.public ({arg}: "
+                     f"{public.COHORTS[arg].source})", lambda: (table, arg))
+
+  path = pathlib.Path(arg).expanduser()
+  if path.suffix.lower() != ".csv" and not path.is_file():
+    raise ValueError(f"cohort: {arg!r} is neither a known cohort {list(KNOWN_COHORTS)} nor a "
+                     "manifest CSV file")
+  if spec is None:
+    raise ValueError(f"spec: a CohortSpec is needed for the manifest {arg}")
+  df = mf.read_manifest(path, spec)  # FileNotFoundError if absent.
+  digest = _manifest_digest(path, df, spec)
+  if spec.channels:
+    preprocess = preprocess or DEFAULT_PREPROCESS
+    name = f"{_slug(path.stem)}-{digest}-{_grid_tag(preprocess)}-fp{preprocess.fingerprint()}"
+  else:
+    if preprocess is not None:
+      raise ValueError(f"preprocess: the spec of {arg} declares no image channels")
+    name = f"{_slug(path.stem)}-tab-{digest}"
+  return _Resolved(_slug(path.stem), "manifest", spec, preprocess, name, str(path.resolve()),
+                   lambda: (df, str(path)))
+
+
+def _validate(df: pd.DataFrame, spec: mf.CohortSpec, missing_images: str, source: str):
+  """Validates the cohort; returns the report (raises ``CohortValidationError`` on problems)."""
+  report = mf.validate_cohort(df, spec)
+  if missing_images == "absent":
+    absent = [p for p in report.problems if p.kind == "missing_file" and p.column in spec.path_columns]
+    report = dataclasses.replace(report, problems=tuple(p for p in report.problems if p not in absent),
+                                 warnings=report.warnings + tuple(absent))
+  if report.source == "DataFrame":
+    report = dataclasses.replace(report, source=source)
+  report.raise_if_errors()
+  for w in report.warnings:
+    log.warning("%s: %s", source, w)
+  return report
+
+
+def prepare_dataset(name_or_manifest: str | PathLike, *, spec: mf.CohortSpec | None = None,
+                    preprocess: mri.PreprocessConfig | None = None, data_dir: PathLike | None = None,
+                    n_patients: int | None = None, seed: int = 0, force: bool = False,
+                    missing_images: str = "error", workers: int = 1,
+                    progress: bool = True) -> tuple[pathlib.Path, bool]:
+  """Prepares a cohort as a TFDS dataset unless that exact version exists.
+
+  Args:
+    name_or_manifest: a known cohort (``KNOWN_COHORTS``) or a manifest CSV path.
+    spec: the manifest's ``CohortSpec`` (manifest paths only; known cohorts
+      have theirs, see ``cohort_spec``).
+    preprocess: image preprocessing; None = ``default_preprocess(name)`` for
+      demo cohorts, ``DEFAULT_PREPROCESS`` for image manifests. Must be None
+      for cohorts without images.
+    data_dir: TFDS data folder; default ``cache_dir("tfds")``.
+    n_patients: demo cohorts only: patients to generate (default 300 for
+      sarcoma_phantom, all 2982 for rotterdam_rendered).
+    seed: demo cohorts only: generator seed (non-negative int).
+    force: delete an existing prepared version and prepare it again.
+    missing_images: ``"error"`` (default): an image path that points to no
+      file is a validation error; ``"absent"``: such patients are kept with
+      ``image_present=False`` (logged as warnings).
+    workers: preprocessing processes (1 = in this process).
+    progress: show tqdm progress bars.
+
+  Returns:
+    ``(dataset_dir, reused)``: the version folder
+    ``<data_dir>/jaxsurv_cohort/<config>/<version>`` and whether an existing
+    dataset was reused (nothing preprocessed).
+
+  Raises:
+    ValueError: unknown cohort, bad arguments, or spec/preprocess given where
+      they do not apply.
+    FileNotFoundError: the manifest does not exist.
+    jaxsurv.data.manifest.CohortValidationError: the cohort failed validation
+      (every problem listed; raised before any preprocessing).
+    PreprocessingError: a patient's preprocessing failed (patient named).
+  """
+  if missing_images not in ("error", "absent"):
+    raise ValueError(f"missing_images: expected 'error' or 'absent', got {missing_images!r}")
+  if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+    raise ValueError(f"workers: expected a positive int, got {workers!r}")
+  res = _resolve(name_or_manifest, spec, preprocess, n_patients, seed, progress)
+  config = CohortConfig(
+      name=res.config_name, version=_FORMAT_VERSION, description=res.source, cohort=res.cohort,
+      grid=tuple(res.preprocess.grid) if res.preprocess else None,
+      n_channels=len(res.spec.channels), outcomes=tuple(res.spec.outcomes))
+  data_dir = _default_data_dir(data_dir)
+  builder = JaxsurvCohort(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+  dataset_dir = pathlib.Path(builder.data_dir)
+  if force and dataset_dir.exists():
+    shutil.rmtree(dataset_dir)
+  if builder.is_prepared() and not force:
+    return dataset_dir, True
+  if dataset_dir.exists():
+    # An incomplete folder (e.g. an interrupted write by an older TFDS): start over.
+    shutil.rmtree(dataset_dir)
+
+  df, source = res.load()
+  _validate(df, res.spec, missing_images, source)
+  spec = res.spec
+  if spec.channels:
+    if spec.mask is None:
+      raise ValueError(f"spec: image cohort {res.cohort!r} needs a mask column (preprocessing "
+                       "crops around the tumour mask)")
+    present = mf.modality_presence(df, spec, check_files=True)["image"]
+    paths = [(tuple(df[c].iloc[i] for c in spec.channels), df[spec.mask].iloc[i])
+             if present[i] else None for i in range(len(df))]
+  else:
+    paths = None
+  table = df.drop(columns=[c for c in spec.path_columns if c in df.columns]).reset_index(drop=True)
+  metadata = {
+      "jaxsurv_format": _FORMAT_VERSION, "cohort": res.cohort, "kind": res.kind,
+      "source": res.source, "spec": spec_to_json(spec),
+      "preprocess": _preprocess_to_json(res.preprocess) if res.preprocess else None,
+      "fingerprint": res.preprocess.fingerprint() if res.preprocess else None,
+      "table_schema": _table_schema(table), "n_patients": len(table),
+      "seed": int(seed) if res.kind == "demo" else None,
+  }
+  builder._plan = _Plan(table=table, spec=spec, preprocess=res.preprocess, image_paths=paths,  # pylint: disable=protected-access
+                        metadata=metadata, workers=int(workers), progress=progress)
+  was_active = getattr(tqdm_utils, "_active", True)
+  tfds.display_progress_bar(False)  # One bar (ours, with a total) instead of TFDS's three.
+  try:
+    builder.download_and_prepare(download_dir=os.fspath(data_dir / "downloads"))
+  finally:
+    tfds.display_progress_bar(was_active)
+  return dataset_dir, False
+
+
+# --------------------------------------------------------------------------
+# Reading.
+
+
+@dataclasses.dataclass
+class PreparedCohort:
+  """A prepared cohort in memory, one entry per patient in manifest order.
+
+  Attributes:
+    name: cohort name (known name or manifest stem).
+    patient_ids: str ``[n]``.
+    table: DataFrame ``[n, ...]``: ``patient_id``, the raw clinical columns,
+      outcome columns (days; 1 = event), optional site/split and, for demo
+      cohorts, the oracle/latent/render columns (never model inputs, see
+      ``phantom.model_input_columns``); same dtypes as the manifest/table.
+    images: float32 ``[n, D, H, W, C]`` or None (tabular cohort); zeros where
+      ``image_present`` is False.
+    masks: uint8 ``[n, D, H, W]`` tumour masks on the grid, or None.
+    image_present: bool ``[n]`` (all False for a tabular cohort).
+    spec: the cohort's ``CohortSpec``.
+    preprocess: the ``PreprocessConfig`` used, or None.
+    fingerprint: ``preprocess.fingerprint()``, or None.
+    data_dir: TFDS data folder.
+    dataset_dir: the prepared version folder (for ``grain_batches``).
+    case_info: per patient, the preprocessing record (grid/original geometry,
+      z-score statistics, source files) or None where the image is absent.
+    reused: True if an existing prepared dataset was read (nothing recomputed).
+  """
+  name: str
+  patient_ids: np.ndarray
+  table: pd.DataFrame
+  images: np.ndarray | None
+  masks: np.ndarray | None
+  image_present: np.ndarray
+  spec: mf.CohortSpec
+  preprocess: mri.PreprocessConfig | None
+  fingerprint: str | None
+  data_dir: pathlib.Path
+  dataset_dir: pathlib.Path
+  case_info: list = dataclasses.field(default_factory=list, repr=False)
+  reused: bool = False
+
+  def __len__(self) -> int:
+    return len(self.patient_ids)
+
+  def case_geometry(self, i: int) -> tuple[mri.Geometry, mri.Geometry] | None:
+    """``(grid geometry, original first-channel geometry)`` of patient ``i``, or None if absent.
+
+    Rebuilds what ``mri.PreprocessedCase.to_original_space`` needs to put a
+    grid-space map (e.g. Grad-CAM) back on the original image.
+    """
+    info = self.case_info[i] if self.case_info else None
+    if not info:
+      return None
+    def geom(d):
+      return mri.Geometry(tuple(d["size"]), tuple(d["origin"]), tuple(d["spacing"]),
+                          tuple(d["direction"]))
+    return geom(info["grid_geometry"]), geom(info["original_geometry"])
+
+
+def data_source(prepared_or_dir: PreparedCohort | PathLike):
+  """The TFDS ``ArrayRecordDataSource`` of a prepared cohort (random access, ``len``).
+
+  ``source[i]`` is a dict of numpy arrays / Python scalars; Text features are
+  ``bytes``. Needs only the prepared folder (``tfds.builder_from_directory``).
+
+  Raises:
+    FileNotFoundError: the folder holds no prepared dataset.
+  """
+  d = prepared_or_dir.dataset_dir if isinstance(prepared_or_dir, PreparedCohort) else prepared_or_dir
+  d = pathlib.Path(d)
+  if not (d / "dataset_info.json").is_file():
+    raise FileNotFoundError(f"no prepared dataset in {d} (dataset_info.json missing)")
+  return tfds.builder_from_directory(os.fspath(d)).as_data_source(split=SPLIT)
+
+
+def _text(v) -> str:
+  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def load_prepared(dataset_dir: PathLike, *, images: bool = True, reused: bool = True,
+                  chunk: int = 64) -> PreparedCohort:
+  """Reads a prepared cohort folder fully into memory.
+
+  Args:
+    dataset_dir: the version folder returned by ``prepare_dataset``.
+    images: also read the volumes and masks (False: table only, fast).
+    reused: stored in ``PreparedCohort.reused``.
+    chunk: records read per call.
+
+  Returns:
+    ``PreparedCohort`` in manifest order.
+
+  Raises:
+    FileNotFoundError: the folder holds no prepared dataset.
+    ValueError: the folder was not written by this module (metadata missing).
+  """
+  dataset_dir = pathlib.Path(dataset_dir)
+  src = data_source(dataset_dir)
+  builder = tfds.builder_from_directory(os.fspath(dataset_dir))
+  meta = dict(builder.info.metadata or {})
+  if "table_schema" not in meta:
+    raise ValueError(f"{dataset_dir}: not a jaxsurv prepared cohort (no table schema in metadata)")
+  spec = spec_from_json(meta["spec"])
+  cfg = _preprocess_from_json(meta["preprocess"]) if meta.get("preprocess") else None
+  n = len(src)
+  has_images = "image" in builder.info.features
+  imgs = masks = None
+  if has_images and images:
+    shp = builder.info.features["image"].shape
+    imgs = np.empty((n,) + tuple(shp), np.float32)
+    masks = np.empty((n,) + tuple(shp[:3]), np.uint8)
+  present = np.zeros(n, bool)
+  ids = [None] * n
+  rows = [None] * n
+  case_info = [None] * n
+  for start in range(0, n, chunk):
+    recs = src.__getitems__(list(range(start, min(n, start + chunk))))
+    for r in recs:
+      i = int(r["index"])
+      ids[i] = _text(r["patient_id"])
+      rows[i] = json.loads(_text(r["row_json"]))
+      if has_images:
+        present[i] = bool(r["image_present"])
+        cj = _text(r["case_json"])
+        case_info[i] = json.loads(cj) if cj else None
+        if imgs is not None:
+          imgs[i] = r["image"]
+          masks[i] = r["mask"]
+  if any(x is None for x in ids):
+    raise ValueError(f"{dataset_dir}: record indices do not cover 0..{n - 1}")
+  table = _rebuild_table(rows, meta["table_schema"])
+  return PreparedCohort(
+      name=meta.get("cohort", builder.builder_config.name if builder.builder_config else "?"),
+      patient_ids=np.asarray(ids, dtype=str), table=table, images=imgs, masks=masks,
+      image_present=present, spec=spec, preprocess=cfg, fingerprint=meta.get("fingerprint"),
+      data_dir=dataset_dir.parents[2], dataset_dir=dataset_dir, case_info=case_info, reused=reused)
+
+
+def prepare_cohort(name_or_manifest: str | PathLike, *, spec: mf.CohortSpec | None = None,
+                   preprocess: mri.PreprocessConfig | None = None, data_dir: PathLike | None = None,
+                   n_patients: int | None = None, seed: int = 0, force: bool = False,
+                   missing_images: str = "error", workers: int = 1, progress: bool = True,
+                   images: bool = True) -> PreparedCohort:
+  """Prepares a cohort if needed (``prepare_dataset``) and reads it into memory (``load_prepared``).
+
+  Memory: ``n * D * H * W * C * 4`` bytes for the images (rotterdam_rendered,
+  2982 patients at 64^3 x 2: 6.3 GB); use ``grain_batches`` to stream larger
+  cohorts, or ``images=False`` for the table only.
+
+  Args and raises: see ``prepare_dataset``; ``images`` as in ``load_prepared``.
+
+  Returns:
+    ``PreparedCohort``.
+  """
+  dataset_dir, reused = prepare_dataset(
+      name_or_manifest, spec=spec, preprocess=preprocess, data_dir=data_dir, n_patients=n_patients,
+      seed=seed, force=force, missing_images=missing_images, workers=workers, progress=progress)
+  return load_prepared(dataset_dir, images=images, reused=reused)
+
+
+class _Subset:
+  """Random-access view of ``source`` restricted to ``indices`` (a patient-level split)."""
+
+  def __init__(self, source, indices):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+    if self._indices.ndim != 1 or (len(self._indices) and (self._indices.min() < 0 or
+                                                           self._indices.max() >= len(source))):
+      raise ValueError(f"indices: expected 1-D positions in [0, {len(source)}), got "
+                       f"shape {self._indices.shape}")
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._source[int(self._indices[i])]
+
+
+class SelectFields:
+  """grain map: a TFDS record -> dict of numpy arrays for batching (text features dropped).
+
+  A plain importable callable (grain accepts any callable in ``map``; being
+  importable lets grain's worker processes unpickle it).
+
+  Scalars become 0-d arrays of fixed dtype (``index`` int64,
+  ``image_present`` bool, ``*_time`` float32 days, ``*_event`` int32) so that
+  ``batch`` stacks them into ``[batch]`` arrays; ``image`` stays float32
+  ``[D, H, W, C]``, ``mask`` uint8 ``[D, H, W]``.
+  """
+
+  def __init__(self, fields: Sequence[str] | None = None):
+    self.fields = None if fields is None else tuple(fields)
+
+  def __call__(self, record):
+    out = {}
+    for k, v in record.items():
+      if self.fields is not None and k not in self.fields:
+        continue
+      if isinstance(v, (bytes, str)):
+        continue
+      if k == "index":
+        out[k] = np.int64(v)
+      elif k == "image_present":
+        out[k] = np.bool_(v)
+      elif k.endswith("_time"):
+        out[k] = np.float32(v)
+      elif k.endswith("_event"):
+        out[k] = np.int32(v)
+      else:
+        out[k] = np.asarray(v)
+    return out
+
+
+def grain_batches(prepared_or_source, batch_size: int, seed: int = 0, *, shuffle: bool = True,
+                  drop_remainder: bool = True, num_epochs: int = 1,
+                  indices: Sequence[int] | None = None,
+                  fields: Sequence[str] | None = None) -> grain.MapDataset:
+  """Shuffled batches of a prepared cohort read with grain (for cohorts too big for memory).
+
+  ``grain.MapDataset.source(src)[subset].shuffle(seed).repeat(num_epochs)
+  .map(SelectFields).batch(batch_size)``; each epoch gets its own permutation
+  (grain reseeds per epoch). Iterate it directly, or call
+  ``.to_iter_dataset(grain.ReadOptions(num_threads=...))`` for threaded
+  prefetching.
+
+  Args:
+    prepared_or_source: ``PreparedCohort``, a prepared version folder, or a
+      random-access source (``data_source(...)``).
+    batch_size: patients per batch.
+    seed: shuffle seed (0 <= seed < 2**32).
+    shuffle: shuffle patients (False: manifest order).
+    drop_remainder: drop the last partial batch.
+    num_epochs: passes over the data.
+    indices: positions (manifest rows) to read, e.g. a training split's rows;
+      None = every patient.
+    fields: feature names to keep (default: every non-text feature).
+
+  Returns:
+    ``grain.MapDataset`` of dicts: ``image`` float32 ``[B, D, H, W, C]``,
+    ``mask`` uint8 ``[B, D, H, W]``, ``image_present`` bool ``[B]``,
+    ``index`` int64 ``[B]`` (row of ``PreparedCohort.table``), ``<o>_time``
+    float32 ``[B]`` and ``<o>_event`` int32 ``[B]``.
+
+  Raises:
+    ValueError: bad ``batch_size``, ``num_epochs`` or ``indices``.
+  """
+  import grain  # pylint: disable=import-outside-toplevel  # grain imports jax: only load it here.
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+  if isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1:
+    raise ValueError(f"num_epochs: expected a positive int, got {num_epochs!r}")
+  if isinstance(prepared_or_source, (PreparedCohort, str, os.PathLike)):
+    src = data_source(prepared_or_source)
+  else:
+    src = prepared_or_source
+  if indices is not None:
+    src = _Subset(src, indices)
+  ds = grain.MapDataset.source(src)
+  if shuffle:
+    ds = ds.shuffle(seed=int(seed))
+  if num_epochs > 1:
+    ds = ds.repeat(int(num_epochs))
+  return ds.map(SelectFields(fields)).batch(int(batch_size), drop_remainder=drop_remainder)
+
+
+def list_prepared(data_dir: PathLike | None = None) -> list[dict]:
+  """Prepared datasets under ``data_dir`` (default ``cache_dir("tfds")``).
+
+  Returns:
+    One dict per version folder: ``config``, ``version``, ``dataset_dir``,
+    ``n_patients``, ``bytes`` (size on disk).
+  """
+  root = _default_data_dir(data_dir) / DATASET_NAME
+  out = []
+  if not root.is_dir():
+    return out
+  for info_path in sorted(root.glob("*/*/dataset_info.json")):
+    d = info_path.parent
+    try:
+      info = json.loads(info_path.read_text())
+      n = sum(int(x) for s in info.get("splits", []) for x in s.get("shardLengths", []))
+    except (OSError, ValueError):
+      n = None
+    out.append({"config": d.parent.name, "version": d.name, "dataset_dir": d, "n_patients": n,
+                "bytes": dataset_bytes(d)})
+  return out
+
+
+def dataset_bytes(dataset_dir: PathLike) -> int:
+  """Total size (bytes) of the files in a prepared version folder."""
+  return sum(p.stat().st_size for p in pathlib.Path(dataset_dir).iterdir() if p.is_file())
+
+
+def describe_known_cohorts() -> list[tuple[str, str, str]]:
+  """``(name, kind, description)`` of each known cohort, for ``python -m jaxsurv.data list``."""
+  out = []
+  for name in DEMO_COHORTS:
+    n = DEMO_DEFAULT_N[name]
+    out.append((name, "image (demo)", f"{_DEMO_DESCRIPTIONS[name]}; default "
+                f"{n or public.COHORTS['rotterdam'].n_patients} patients"))
+  for name in TABULAR_COHORTS:
+    info = public.COHORTS[name]
+    out.append((name, "tabular", f"{info.description}; {info.n_patients} patients; endpoints "
+                f"{', '.join(info.endpoints)}"))
+  return out

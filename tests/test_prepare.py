@@ -1,0 +1,243 @@
+"""Tests for jaxsurv.data.prepare and the ``python -m jaxsurv.data`` command line.
+
+A tiny sarcoma_phantom (6 patients, 16^3 grid, 3 mm intermediate spacing) is
+prepared once per module into tmp folders (``JAXSURV_CACHE`` points into
+tmp). Read-back volumes are compared with a direct ``mri.preprocess_case`` of
+the same files, tables with ``read_manifest`` / ``public.load_cohort_table``
+(exact ``assert_frame_equal``).
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from jaxsurv.data import manifest as mf
+from jaxsurv.data import mri
+from jaxsurv.data import prepare
+from jaxsurv.data import public
+from jaxsurv.data import __main__ as cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CFG = mri.PreprocessConfig(grid=(16, 16, 16), spacing_mm=3.0)
+N = 6
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """JAXSURV_CACHE in tmp and the base prepared cohort (6 patients, 16^3)."""
+  root = tmp_path_factory.mktemp("prep")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAXSURV_CACHE", str(root / "cache"))
+    data_dir = root / "tfds"
+    pc = prepare.prepare_cohort("sarcoma_phantom", n_patients=N, seed=0, preprocess=CFG,
+                                data_dir=data_dir, progress=False)
+    manifest = root / "cache" / "cohorts" / "sarcoma_phantom" / f"seed0-n{N}" / "manifest.csv"
+    yield dict(root=root, data_dir=data_dir, prepared=pc, manifest=manifest)
+
+
+def _copy_manifest(src: pathlib.Path, dst_dir: pathlib.Path, edit=None) -> pathlib.Path:
+  """Writes a copy of a demo manifest with absolute image paths; ``edit(df)`` changes it."""
+  df = pd.read_csv(src, dtype=str, keep_default_na=False)
+  for c in ("t1c", "t2fs", "mask"):
+    df[c] = [str(src.parent / p) if p else "" for p in df[c]]
+  if edit is not None:
+    edit(df)
+  dst_dir.mkdir(parents=True, exist_ok=True)
+  out = dst_dir / "manifest.csv"
+  df.to_csv(out, index=False)
+  return out
+
+
+def test_read_back_equals_direct_preprocessing(env):
+  pc = env["prepared"]
+  spec = prepare.cohort_spec("sarcoma_phantom")
+  df = mf.read_manifest(env["manifest"], spec)
+  assert pc.reused is False
+  assert len(pc) == N and pc.images.shape == (N, 16, 16, 16, 2) and pc.images.dtype == np.float32
+  assert pc.masks.shape == (N, 16, 16, 16) and pc.masks.dtype == np.uint8
+  assert pc.image_present.tolist() == [True] * N
+  np.testing.assert_array_equal(pc.patient_ids, df["patient_id"].to_numpy(str))
+  assert pc.fingerprint == CFG.fingerprint() and pc.preprocess == CFG and pc.spec == spec
+  for k in (0, N - 1):
+    case = mri.preprocess_case([df["t1c"][k], df["t2fs"][k]], df["mask"][k], CFG)
+    np.testing.assert_array_equal(pc.images[k], case.volume)
+    np.testing.assert_array_equal(pc.masks[k], case.mask)
+    grid, original = pc.case_geometry(k)
+    assert grid == case.grid_geometry and original == case.original_geometry
+  # The table (every non-path column, oracle included) round-trips exactly.
+  pd.testing.assert_frame_equal(pc.table, df.drop(columns=["t1c", "t2fs", "mask"]))
+  assert {"eta_os", "eta_dm", "site"} <= set(pc.table.columns)
+  # Typed outcome features agree with the table (float32 days).
+  src = prepare.data_source(pc)
+  rec = src[2]
+  assert rec["os_time"] == np.float32(df["os_time"][2]) and rec["dm_event"] == df["dm_event"][2]
+  assert pc.dataset_dir.parent.name.startswith("sarcoma_phantom-seed0-n6-16x16x16-fp")
+  assert CFG.fingerprint() in pc.dataset_dir.parent.name
+
+
+def test_second_prepare_reuses_files(env, monkeypatch):
+  pc = env["prepared"]
+  before = {p.name: p.stat().st_mtime_ns for p in pc.dataset_dir.iterdir()}
+
+  def boom(*a, **k):
+    raise AssertionError("preprocess_case must not run for a prepared version")
+  monkeypatch.setattr(mri, "preprocess_case", boom)
+  again = prepare.prepare_cohort("sarcoma_phantom", n_patients=N, seed=0, preprocess=CFG,
+                                 data_dir=env["data_dir"], progress=False)
+  assert again.reused is True and again.dataset_dir == pc.dataset_dir
+  assert {p.name: p.stat().st_mtime_ns for p in pc.dataset_dir.iterdir()} == before
+  np.testing.assert_array_equal(again.images, pc.images)
+
+
+def test_changed_setting_prepares_a_new_version_side_by_side(env):
+  cfg12 = mri.PreprocessConfig(grid=(12, 12, 12), spacing_mm=3.0)
+  pc12 = prepare.prepare_cohort("sarcoma_phantom", n_patients=N, seed=0, preprocess=cfg12,
+                                data_dir=env["data_dir"], progress=False)
+  assert pc12.reused is False and pc12.images.shape == (N, 12, 12, 12, 2)
+  assert pc12.dataset_dir != env["prepared"].dataset_dir
+  listed = {r["dataset_dir"] for r in prepare.list_prepared(env["data_dir"])}
+  assert {pc12.dataset_dir, env["prepared"].dataset_dir} <= listed
+  # The first version is untouched and still reads back.
+  first = prepare.load_prepared(env["prepared"].dataset_dir)
+  np.testing.assert_array_equal(first.images, env["prepared"].images)
+
+
+def test_absent_images_are_kept(env, tmp_path):
+  spec = prepare.cohort_spec("sarcoma_phantom")
+
+  def blank(df):
+    df.loc[1, ["t1c", "t2fs", "mask"]] = ""  # Empty cells: image modality missing.
+    df.loc[3, "t2fs"] = str(tmp_path / "nowhere_t2fs.nii.gz")  # Path given, no file.
+  path = _copy_manifest(env["manifest"], tmp_path / "cohort", blank)
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(mf.CohortValidationError, match="phantom-0003.*missing_file|missing_file.*phantom-0003"):
+    prepare.prepare_cohort(path, spec=spec, preprocess=CFG, data_dir=data_dir, progress=False)
+  pc = prepare.prepare_cohort(path, spec=spec, preprocess=CFG, data_dir=data_dir, progress=False,
+                              missing_images="absent")
+  assert pc.image_present.tolist() == [True, False, True, False, True, True]
+  assert len(pc.table) == N and pc.patient_ids[1] == "phantom-0001"
+  assert not pc.images[[1, 3]].any() and not pc.masks[[1, 3]].any()
+  assert pc.case_geometry(1) is None
+  np.testing.assert_array_equal(pc.images[0], env["prepared"].images[0])
+  assert pc.dataset_dir.parent.name.startswith("manifest-")
+
+
+def test_validation_error_stops_before_preprocessing(env, tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(mri, "preprocess_case", lambda *a, **k: calls.append(a))
+
+  def negative(df):
+    df.loc[4, "os_time"] = "-5"
+  path = _copy_manifest(env["manifest"], tmp_path / "cohort", negative)
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(mf.CohortValidationError) as err:
+    prepare.prepare_cohort(path, spec=prepare.cohort_spec("sarcoma_phantom"), preprocess=CFG,
+                           data_dir=data_dir, progress=False)
+  assert "phantom-0004" in str(err.value) and "negative_time" in str(err.value)
+  assert calls == []
+  assert prepare.list_prepared(data_dir) == []
+
+
+def test_preprocessing_failure_names_the_patient(env, tmp_path):
+  # A constant T1c passes validation (headers) but cannot be z-scored.
+  const = tmp_path / "const_t1c.nii.gz"
+  src_img = nib.load(str(env["manifest"].parent / "images" / "phantom-0002_t1c.nii.gz"))
+  nib.save(nib.Nifti1Image(np.full(src_img.shape, 100, np.int16), src_img.affine), str(const))
+
+  def swap(df):
+    df.loc[2, "t1c"] = str(const)
+  path = _copy_manifest(env["manifest"], tmp_path / "cohort", swap)
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(prepare.PreprocessingError, match="phantom-0002.*zero intensity variance"):
+    prepare.prepare_cohort(path, spec=prepare.cohort_spec("sarcoma_phantom"), preprocess=CFG,
+                           data_dir=data_dir, progress=False)
+  assert prepare.list_prepared(data_dir) == []  # Nothing half-written is left as prepared.
+
+
+def test_tabular_cohort_round_trips(env, tmp_path):
+  pc = prepare.prepare_cohort("gbsg", data_dir=tmp_path / "tfds", progress=False)
+  ref = public.load_cohort_table("gbsg")
+  pd.testing.assert_frame_equal(pc.table, ref)
+  assert pc.images is None and pc.masks is None and not pc.image_present.any()
+  assert pc.spec.channels == () and pc.spec.outcomes == ("dm",) and pc.preprocess is None
+  np.testing.assert_array_equal(pc.patient_ids, ref["patient_id"].to_numpy(str))
+  batch = next(iter(prepare.grain_batches(pc, 32, seed=1)))
+  assert set(batch) == {"index", "dm_time", "dm_event"}
+  np.testing.assert_allclose(batch["dm_time"], ref["dm_time"].to_numpy()[batch["index"]], rtol=1e-6)
+  np.testing.assert_array_equal(batch["dm_event"], ref["dm_event"].to_numpy()[batch["index"]])
+  assert prepare.prepare_cohort("gbsg", data_dir=tmp_path / "tfds", progress=False).reused
+  with pytest.raises(ValueError, match="no images"):
+    prepare.prepare_dataset("gbsg", preprocess=CFG, data_dir=tmp_path / "tfds")
+
+
+def test_grain_batches_match_memory(env):
+  pc = env["prepared"]
+  ds = prepare.grain_batches(pc, 4, seed=3, num_epochs=2)
+  batches = list(ds)
+  assert len(batches) == 3  # 12 records over 2 epochs, batch 4.
+  for b in batches:
+    assert b["image"].shape == (4, 16, 16, 16, 2) and b["image"].dtype == np.float32
+    assert b["mask"].shape == (4, 16, 16, 16) and b["image_present"].dtype == np.bool_
+    np.testing.assert_array_equal(b["image"], pc.images[b["index"]])
+    np.testing.assert_array_equal(b["os_event"], pc.table["os_event"].to_numpy()[b["index"]])
+  order = np.concatenate([b["index"] for b in batches])
+  assert sorted(order[:6]) == list(range(6)) and sorted(order[6:]) == list(range(6))
+  assert order[:6].tolist() != order[6:].tolist()  # Each epoch has its own permutation.
+  sub = list(prepare.grain_batches(pc, 2, seed=0, indices=[5, 1, 4], drop_remainder=False))
+  assert sorted(np.concatenate([b["index"] for b in sub]).tolist()) == [1, 4, 5]
+  with pytest.raises(ValueError, match="indices"):
+    prepare.grain_batches(pc, 2, indices=[0, N])
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="unknown|neither"):
+    prepare.prepare_dataset("no_such_cohort")
+  with pytest.raises(ValueError, match="spec"):
+    prepare.prepare_dataset("sarcoma_phantom", spec=mf.CohortSpec())
+  with pytest.raises(ValueError, match="n_patients"):
+    prepare.prepare_dataset("gbsg", n_patients=5)
+  with pytest.raises(ValueError, match="missing_images"):
+    prepare.prepare_dataset("gbsg", missing_images="drop")
+  spec = mf.CohortSpec(numeric=("age",), categorical=("grade",), categorical_levels={"grade": (1, 2)})
+  assert prepare.spec_from_json(prepare.spec_to_json(spec)) == spec
+  with pytest.raises(ValueError, match="unknown keys"):
+    prepare.spec_from_json({"chanels": ["t1c"]})
+  assert prepare.default_preprocess("rotterdam_rendered").fov_mm is not None
+  assert prepare.default_preprocess("gbsg") is None
+
+
+def test_cli_prepare_and_list(env, tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("JAXSURV_CACHE", str(env["root"] / "cache"))
+  data_dir = tmp_path / "tfds"
+  run_env = dict(os.environ, JAXSURV_CACHE=str(env["root"] / "cache"),
+                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  cmd = [sys.executable, "-m", "jaxsurv.data", "prepare", "sarcoma_phantom", "--n-patients", "4",
+         "--grid", "12", "--spacing-mm", "3", "--data-dir", str(data_dir), "--workers", "2"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=run_env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "prepared sarcoma_phantom: 4 patients" in out.stdout
+  (row,) = prepare.list_prepared(data_dir)
+  assert row["n_patients"] == 4 and f"{row['dataset_dir']}" in out.stdout
+  pc = prepare.load_prepared(row["dataset_dir"])
+  assert pc.images.shape == (4, 12, 12, 12, 2)
+  # Two worker processes give the same volumes as this process would.
+  df = mf.read_manifest(env["root"] / "cache" / "cohorts" / "sarcoma_phantom" / "seed0-n4" /
+                        "manifest.csv", prepare.cohort_spec("sarcoma_phantom"))
+  cfg = mri.PreprocessConfig(grid=(12, 12, 12), spacing_mm=3.0)
+  assert pc.preprocess == cfg
+  case = mri.preprocess_case([df["t1c"][3], df["t2fs"][3]], df["mask"][3], cfg)
+  np.testing.assert_array_equal(pc.images[3], case.volume)
+  # The other commands run in-process (same code path as `python -m`, no interpreter start-up).
+  assert cli.main(cmd[3:-2]) == 0
+  assert "reused sarcoma_phantom: 4 patients" in capsys.readouterr().out
+  assert cli.main(["list", "--data-dir", str(data_dir)]) == 0
+  listed = capsys.readouterr().out
+  assert "rotterdam_rendered" in listed and row["config"] in listed
+  with pytest.raises(SystemExit, match="no images"):
+    cli.main(["prepare", "gbsg", "--grid", "8", "--data-dir", str(data_dir)])
