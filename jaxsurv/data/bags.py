@@ -379,7 +379,7 @@ def pad_bags(bags: Sequence[np.ndarray | None], max_tiles: int | None = None, *,
     rng: numpy Generator or int seed; needed only if a bag exceeds
       ``max_tiles`` (deterministic subsampling, never an implicit seed).
     dim: feature dim; inferred from the first non-empty bag when omitted
-      (needed only when every bag is empty).
+      (or from an empty ``[0, dim]`` bag when every bag is empty).
     patient_ids: ``[n]`` ids named in error messages.
 
   Returns:
@@ -396,7 +396,7 @@ def pad_bags(bags: Sequence[np.ndarray | None], max_tiles: int | None = None, *,
     raise ValueError(f"patient_ids has {len(patient_ids)} entries for {n} bags")
   name = (lambda i: f"patient {patient_ids[i]!r}") if patient_ids is not None \
       else (lambda i: f"bag {i}")
-  arrays, ref = [], None
+  arrays, ref, empty_dim = [], None, None
   for i, b in enumerate(bags):
     if b is None:
       arrays.append(None)
@@ -405,6 +405,7 @@ def pad_bags(bags: Sequence[np.ndarray | None], max_tiles: int | None = None, *,
     if b.ndim != 2:
       raise ValueError(f"{name(i)}: a bag must be [n_tiles, dim], got shape {b.shape}")
     if b.shape[0] == 0:
+      empty_dim = b.shape[1] if empty_dim is None else empty_dim
       arrays.append(None)
       continue
     if ref is None:
@@ -416,7 +417,9 @@ def pad_bags(bags: Sequence[np.ndarray | None], max_tiles: int | None = None, *,
   if ref is not None and dim is not None and dim != ref[0]:
     raise ValueError(f"dim={dim} but {name(ref[1])} has feature dim {ref[0]}")
   if ref is None and dim is None:
-    raise ValueError("every bag is empty; pass dim= to build the padded array")
+    if empty_dim is None:
+      raise ValueError("every bag is empty; pass dim= to build the padded array")
+    dim = empty_dim  # All bags empty but shaped [0, dim].
   d = ref[0] if ref is not None else int(dim)
   longest = max((a.shape[0] for a in arrays if a is not None), default=0)
   t = max(longest, 1) if max_tiles is None else int(max_tiles)
