@@ -119,11 +119,10 @@ class MultimodalCohort:
     if both:
       raise ValueError(f"modalities both tabular and bag: {both}")
     for name in names:
+      # The suffix is reserved for the bags' tile-mask inputs of transform().
       if not isinstance(name, str) or not name or name.endswith(TILE_MASK_SUFFIX):
         raise ValueError(f"invalid modality name {name!r} (non-empty str, not ending in "
                          f"{TILE_MASK_SUFFIX!r})")
-      if any(name == b + TILE_MASK_SUFFIX for b in self.bags):
-        raise ValueError(f"modality name {name!r} collides with a bag's tile mask input")
     extra = sorted(set(self.presence) - set(names))
     if extra:
       raise ValueError(f"presence given for unknown modalities {extra}; modalities: {names}")
@@ -141,7 +140,8 @@ class MultimodalCohort:
         rows = np.flatnonzero(bad_rows)
         cols = np.flatnonzero(~finite[rows].all(axis=0))
         fn = (self.feature_names or {}).get(name)
-        cols = [fn[c] for c in cols] if fn is not None and len(fn) == x.shape[1] else cols
+        cols = ([fn[c] for c in cols] if fn is not None and len(fn) == x.shape[1]
+                else [f"column {c}" for c in cols.tolist()])
         raise ValueError(f"tabular[{name!r}]: NaN/inf values in present rows of patients "
                          f"{_listing(ids[rows])} (features {_listing(cols)}); impute them "
                          "or mark the modality absent for those patients")
