@@ -51,8 +51,8 @@ manifest order):
 * ``<o>_time`` (float32, days) and ``<o>_event`` (int32, 1 = event, 0 =
   censored) for each outcome ``o`` of the spec, for fast batching. TFDS
   stores floats as float32, so exact durations come from the table;
-* image cohorts only: ``image`` float32 ``[D, H, W, C]`` and ``mask`` uint8
-  ``[D, H, W]`` (zlib-compressed tensors), ``image_present`` (bool) and
+* image cohorts only: ``image`` float32 ``[D, H, W, C]`` (raw bytes) and
+  ``mask`` uint8 ``[D, H, W]`` (zlib), ``image_present`` (bool) and
   ``case_json`` (Text: grid and original geometry, z-score statistics and
   source files, for mapping grid-space maps back with ``to_original_space``).
 
@@ -129,9 +129,13 @@ DEFAULT_PREPROCESS = mri.PreprocessConfig(grid=(64, 64, 64), spacing_mm=1.0, mar
 ROTTERDAM_RENDERED_PREPROCESS = mri.PreprocessConfig(grid=(64, 64, 64), spacing_mm=1.5,
                                                      fov_mm=96.0)
 
-# Stored tensors: zlib keeps zero padding and masks small; float32 values are
-# stored losslessly.
-_TENSOR_ENCODING = "zlib"
+# Stored tensors (lossless either way). Masks: zlib (a uint8 mask shrinks
+# ~50x and inflates fast). Images: raw bytes, because z-scored float32 volumes
+# barely compress (measured on sarcoma_phantom at 64^3: 1816 of 2048 KiB)
+# while inflating them took ~half of the read time (benchmarks/RESULTS.md,
+# "Input pipeline").
+_IMAGE_ENCODING = "bytes"
+_MASK_ENCODING = "zlib"
 _FORMAT_VERSION = "1.0.0"
 
 
@@ -352,9 +356,9 @@ class JaxsurvCohort(tfds.core.GeneratorBasedBuilder):
     if cfg.has_images:
       d, h, w = cfg.grid
       feats["image"] = tfds.features.Tensor(shape=(d, h, w, cfg.n_channels), dtype=np.float32,
-                                            encoding=_TENSOR_ENCODING)
+                                            encoding=_IMAGE_ENCODING)
       feats["mask"] = tfds.features.Tensor(shape=(d, h, w), dtype=np.uint8,
-                                           encoding=_TENSOR_ENCODING)
+                                           encoding=_MASK_ENCODING)
       feats["image_present"] = tfds.features.Scalar(dtype=np.bool_)
       feats["case_json"] = tfds.features.Text()
     return tfds.core.DatasetInfo(

@@ -1,0 +1,231 @@
+"""Input-pipeline throughput: prepared TFDS/ArrayRecord cohort read with grain vs in memory.
+
+Prepares a small sarcoma_phantom (default 40 patients) once per grid with
+``jaxsurv.data.prepare`` (reused on later runs), then measures training-style
+reading in samples/s (one sample = one patient's ``image`` float32
+``[D, H, W, 2]`` + ``mask`` + outcomes) at batch 8:
+
+* ``grain``: ``prepare.grain_batches`` iterated in this thread (ArrayRecord
+  read + zlib decode + batching, shuffled, several epochs);
+* ``grain+threads``: the same ``MapDataset`` through
+  ``.to_iter_dataset(grain.ReadOptions(num_threads=T, prefetch_buffer_size=P))``;
+* ``memory``: ``PreparedCohort`` arrays gathered with numpy fancy indexing on
+  a fresh permutation per epoch (what the trainer does when the cohort fits).
+
+Preprocessing throughput is measured elsewhere. The train-step side (the
+pipeline must deliver >= 5x the train step's samples/s at the configured
+grid) is added to ``RESULTS.md`` by the trainer's benchmark.
+
+Usage::
+
+  python benchmarks/input_pipeline_benchmark.py [--n-patients 40] [--grids 32 64]
+      [--batch-size 8] [--epochs 5] [--threads 4] [--data-dir DIR] [--write-results]
+
+``--write-results`` replaces the "Input pipeline" section of
+``benchmarks/RESULTS.md`` (other sections are left as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from jaxsurv.data import prepare  # pylint: disable=wrong-import-position
+
+SECTION = "Input pipeline"
+
+
+def _time_batches(batches, n_batches_expected: int | None = None) -> tuple[float, int]:
+  """Consumes an iterable of batches; returns (seconds, samples) after one warm-up batch."""
+  it = iter(batches)
+  first = next(it)
+  _touch(first)
+  t0 = time.perf_counter()
+  n = 0
+  for b in it:
+    _touch(b)
+    n += len(b["index"])
+  return time.perf_counter() - t0, n
+
+
+def _touch(batch) -> None:
+  """Reads one value per array so that lazily produced data is materialised."""
+  for v in batch.values():
+    np.asarray(v).reshape(-1)[:1].sum()
+
+
+def memory_batches(pc: prepare.PreparedCohort, batch_size: int, epochs: int, seed: int):
+  """Yields shuffled in-memory batches (numpy fancy indexing, drop remainder)."""
+  rng = np.random.default_rng(seed)
+  n = len(pc)
+  os_time = pc.table["os_time"].to_numpy(np.float32)
+  os_event = pc.table["os_event"].to_numpy(np.int32)
+  for _ in range(epochs):
+    perm = rng.permutation(n)
+    for s in range(0, n - batch_size + 1, batch_size):
+      idx = perm[s:s + batch_size]
+      yield {"image": pc.images[idx], "mask": pc.masks[idx], "image_present": pc.image_present[idx],
+             "index": idx, "os_time": os_time[idx], "os_event": os_event[idx]}
+
+
+@dataclasses.dataclass
+class Row:
+  grid: int
+  method: str
+  samples_per_s: float
+  mb_per_s: float
+  samples: int
+  seconds: float
+
+
+def run(args) -> tuple[list[Row], list[str]]:
+  import grain  # pylint: disable=import-outside-toplevel
+  rows, notes = [], []
+  for g in args.grids:
+    cfg = dataclasses.replace(prepare.DEFAULT_PREPROCESS, grid=(g, g, g))
+    t0 = time.perf_counter()
+    dataset_dir, reused = prepare.prepare_dataset(
+        "sarcoma_phantom", n_patients=args.n_patients, seed=0, preprocess=cfg,
+        data_dir=args.data_dir, workers=args.workers, progress=not args.no_progress)
+    t_prep = time.perf_counter() - t0
+    size = prepare.dataset_bytes(dataset_dir)
+    notes.append(f"{g}^3: {'reused' if reused else f'prepared in {t_prep:.1f} s'}; "
+                 f"{size / 2**20:.1f} MiB on disk for {args.n_patients} patients "
+                 f"({size / args.n_patients / 2**10:.0f} KiB/patient, raw float32 image "
+                 f"{g ** 3 * 2 * 4 / 2**10:.0f} KiB); {dataset_dir}")
+    sample_mb = (g ** 3 * 2 * 4 + g ** 3) / 2**20
+
+    t0 = time.perf_counter()
+    pc = prepare.load_prepared(dataset_dir)
+    t_load = time.perf_counter() - t0
+    notes.append(f"{g}^3: load_prepared (whole cohort into memory) {t_load:.2f} s = "
+                 f"{len(pc) / t_load:.0f} samples/s")
+
+    def record(method, secs, n):
+      rows.append(Row(g, method, n / secs, n * sample_mb / secs, n, secs))
+      print(f"grid {g:>3}^3  {method:<28} {n / secs:10.1f} samples/s  {n * sample_mb / secs:8.1f} MB/s",
+            flush=True)
+
+    ds = prepare.grain_batches(dataset_dir, args.batch_size, seed=0, num_epochs=args.epochs)
+    record("grain (1 thread)", *_time_batches(ds))
+    for threads in args.threads:
+      ds = prepare.grain_batches(dataset_dir, args.batch_size, seed=0, num_epochs=args.epochs)
+      it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
+      record(f"grain + {threads} read threads", *_time_batches(it_ds))
+    record("memory (numpy fancy index)",
+           *_time_batches(memory_batches(pc, args.batch_size, args.epochs * 4, seed=0)))
+    del pc
+  return rows, notes
+
+
+def _machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  try:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  except (ValueError, OSError):
+    mem = float("nan")
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, load average {load:.1f} at the start "
+          f"(machine shared with other jobs); Python {platform.python_version()}")
+
+
+def _versions() -> str:
+  import importlib.metadata as md  # pylint: disable=import-outside-toplevel
+  return ", ".join(f"{p} {md.version(p)}" for p in ("tensorflow-datasets", "array-record", "grain",
+                                                        "numpy"))
+
+
+def section_text(rows: list[Row], notes: list[str], args, machine: str) -> str:
+  cmd = "python benchmarks/input_pipeline_benchmark.py " + " ".join(args.argv)
+  lines = [f"## {SECTION}", "",
+           f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/input_pipeline_benchmark.py` "
+           f"(commit {_commit()}).", "",
+           f"* Machine: {machine}.",
+           f"* Packages: {_versions()}.",
+           f"* Command: `{cmd.strip()}`",
+           f"* Data: sarcoma_phantom, {args.n_patients} patients, prepared with "
+           "`prepare.DEFAULT_PREPROCESS` at each grid (2 channels, float32 image + uint8 mask, "
+           "zlib-compressed ArrayRecord); batch "
+           f"{args.batch_size}, shuffled, {args.epochs} epochs (memory: {args.epochs * 4}); "
+           "the first batch is a warm-up and not timed.",
+           "* One sample = one patient (image `[D, H, W, 2]` float32 + mask + outcomes); MB/s counts "
+           "the decoded image + mask bytes.", "",
+           "| grid | reader | samples/s | MB/s |", "|---|---|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r.grid}^3 | {r.method} | {r.samples_per_s:.1f} | {r.mb_per_s:.0f} |")
+  lines += ["", "Notes:", ""] + [f"* {n}" for n in notes]
+  lines += ["", "The train-step side (pipeline samples/s >= 5x train-step samples/s at the configured "
+            "grid) is added by the trainer's benchmark.", ""]
+  return "\n".join(lines)
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def write_section(path: pathlib.Path, text: str) -> None:
+  """Replaces (or appends) the ``## Input pipeline`` section of RESULTS.md, leaving others alone."""
+  old = path.read_text() if path.is_file() else "# Benchmark results\n\n"
+  pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+  if pattern.search(old):
+    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
+  else:
+    new = old.rstrip("\n") + "\n\n" + text
+  path.write_text(new.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--n-patients", type=int, default=40)
+  p.add_argument("--grids", type=int, nargs="+", default=[32, 64])
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--epochs", type=int, default=5)
+  p.add_argument("--threads", type=int, nargs="*", default=[4],
+                 help="grain read-thread counts to measure (none: skip)")
+  p.add_argument("--workers", type=int, default=1, help="preprocessing processes when preparing")
+  p.add_argument("--data-dir", type=pathlib.Path, default=None,
+                 help="TFDS data folder (default $JAXSURV_CACHE/tfds; prepared data is reused)")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--write-results", action="store_true",
+                 help="replace the 'Input pipeline' section of benchmarks/RESULTS.md")
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = p.parse_args(argv)
+  args.argv = [a for a in argv if a != "--no-progress"]
+  machine = _machine()
+  print(machine, flush=True)
+  rows, notes = run(args)
+  for n in notes:
+    print(n)
+  if args.write_results:
+    out = REPO / "benchmarks" / "RESULTS.md"
+    write_section(out, section_text(rows, notes, args, machine))
+    print(f"wrote section '{SECTION}' of {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
