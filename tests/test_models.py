@@ -135,14 +135,14 @@ def test_dense_layer_dropout_is_channelwise():
   # eval output * (channel mask / keep prob), constant over depth/height/width.
   layer = DenseLayer(growth_rate=8, dropout_rate=0.5, norm="group", num_groups=4)
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 3, 4))
-  v = _fast_jit(lambda x: layer.init(jax.random.key(1), x, False))(x)
 
-  @_fast_jit
-  def both(v, x):
+  @_fast_jit  # Init and both applies in one program: a single compile.
+  def both(x):
+    v = layer.init(jax.random.key(1), x, False)
     return (layer.apply(v, x, False),
             layer.apply(v, x, True, rngs={"dropout": jax.random.key(5)}))
 
-  ev, tr = both(v, x)
+  ev, tr = both(x)
   np.testing.assert_array_equal(tr[..., :4], x)  # Input passes through.
   new_e, new_t = np.asarray(ev[..., 4:]), np.asarray(tr[..., 4:])
   ratio = new_t / new_e  # Conv outputs are non-zero almost surely.
@@ -157,12 +157,19 @@ def test_dense_layer_dropout_is_channelwise():
 def test_densenet_groupnorm_batch1_train():
   model = DenseNet3D(**TINY, norm="group", num_groups=4)
   x = jax.random.normal(jax.random.key(3), (1, 16, 16, 16, 2))
-  variables = _init(model, x)
-  assert "batch_stats" not in variables
+
+  @_fast_jit  # Init + train-mode apply in one program: a single compile.
+  def run(x):
+    variables = model.init(jax.random.key(0), x, train=False)
+    (emb, aux), upd = model.apply(variables, x, train=True,
+                                  rngs={"dropout": jax.random.key(1)},
+                                  mutable=["batch_stats"])
+    return variables, emb, aux, upd
+
+  variables, emb, aux, upd = run(x)
+  assert "batch_stats" not in variables and not upd
   gn = variables["params"]["block1_layer1"]["norm1"]["gn"]
   assert gn["scale"].shape == (8,)
-  emb, aux, stats = _apply(model, variables, x, jax.random.key(0), True)
-  assert stats is None
   assert emb.shape == (1, 12) and np.all(np.isfinite(emb))
   assert aux["last_dense_block"].shape == (1, 2, 2, 2, 10)
   assert [_group_count(c, 32) for c in (64, 96, 128, 1024)] == [32] * 4
@@ -210,6 +217,27 @@ def test_densenet_remat_wraps_dense_layers():
   conv = "conv_general_dilated"
   # The backward pass recomputes the dense layers' convolutions.
   assert counts(remat, True)[conv] > counts(plain, True)[conv]
+
+
+def test_densenet_gradcam_perturbation_hook():
+  # Traced only: with perturb_last_block the gradient of a head output with
+  # respect to the "perturbations" collection is d(out)/d(last dense block).
+  model = DenseNet3D(**TINY, perturb_last_block=True)
+  x = jax.ShapeDtypeStruct((2, 16, 16, 16, 2), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), x)
+  assert shapes["perturbations"]["last_dense_block"].shape == (2, 2, 2, 2, 10)
+
+  def first_feature(variables, x):
+    emb, _ = model.apply(variables, x, train=False)
+    return emb[:, 0].sum()
+
+  grads = jax.eval_shape(jax.grad(first_feature), shapes, x)
+  assert grads["perturbations"]["last_dense_block"].shape == (2, 2, 2, 2, 10)
+  # Without the flag there is no extra collection.
+  plain = jax.eval_shape(
+      lambda x: DenseNet3D(**TINY).init(jax.random.key(0), x, train=False), x)
+  assert "perturbations" not in plain
 
 
 def test_densenet_bfloat16_compute_keeps_float32_params(tiny_bn, volumes):
@@ -301,6 +329,14 @@ def _apply_mm(model, variables, image, clinical, rng, train):
   return out, aux, upd
 
 
+@functools.partial(_fast_jit, static_argnums=(0,))
+def _init_and_eval_mm(model, image, clinical):
+  """Init + eval-mode apply in one program (one compile instead of two)."""
+  variables = model.init(jax.random.key(0), image, clinical, train=False)
+  out, aux = model.apply(variables, image, clinical, train=False)
+  return variables, out, aux
+
+
 def _dense(p, x):
   return np.asarray(x) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
 
@@ -340,10 +376,8 @@ def test_mmnn_multimodal_outputs(volumes):
 
 def test_mmnn_image_only(volumes):
   model = MMNN(modalities=("image",), image_kwargs=TINY, n_outcomes=3)
-  variables = _init(model, volumes, None)
+  variables, out, aux = _init_and_eval_mm(model, volumes, None)
   assert set(variables["params"]) == {"image_encoder", "image_head"}
-  out, aux, _ = _apply_mm(model, variables, volumes, None, jax.random.key(0),
-                          False)
   assert set(out) == {"mm"} and out["mm"].shape == (2, 3)
   np.testing.assert_allclose(
       out["mm"], _dense(variables["params"]["image_head"],
@@ -353,10 +387,8 @@ def test_mmnn_image_only(volumes):
 def test_mmnn_clinical_only_ignores_image():
   model = MMNN(modalities=("clinical",), clinical_kwargs=dict(norm="layer"))
   clin = jax.random.normal(jax.random.key(8), (5, N_CLIN))
-  variables = _init(model, None, clin)
+  variables, out, aux = _init_and_eval_mm(model, jnp.zeros((3, 4)), clin)
   assert set(variables["params"]) == {"clinical_encoder", "clinical_head"}
-  out, aux, _ = _apply_mm(model, variables, jnp.zeros((3, 4)), clin,
-                          jax.random.key(0), False)
   assert set(out) == {"mm"} and out["mm"].shape == (5, 2)
   np.testing.assert_allclose(
       out["mm"], _dense(variables["params"]["clinical_head"],

@@ -98,7 +98,8 @@ class MMNN(nn.Module):
       the multimodal model ``"fused"`` (``[batch, 24]``), and the encoders'
       intermediates under ``"image"`` / ``"clinical"`` (see
       ``DenseNet3D.__call__``; Grad-CAM uses
-      ``aux["image"]["last_dense_block"]``).
+      ``aux["image"]["last_dense_block"]`` and, for its gradient,
+      ``image_kwargs=dict(perturb_last_block=True)``).
 
     Raises:
       ValueError: unknown or repeated modality, ``n_outcomes < 1``, a needed
