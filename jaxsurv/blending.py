@@ -303,7 +303,7 @@ class GradientBlender:
       writer.writerows(rows)
     return os.fspath(path)
 
-  def state_dict(self) -> dict:
+  def to_dict(self) -> dict:
     """JSON-serialisable state (config, weights, reference, history), so the
     host-side blending state can be saved next to a model checkpoint."""
     return dict(
@@ -313,8 +313,8 @@ class GradientBlender:
         history=[dataclasses.asdict(r) for r in self.history])
 
   @classmethod
-  def from_state_dict(cls, state: Mapping[str, Any]) -> "GradientBlender":
-    """Rebuilds a blender from ``state_dict()`` output.
+  def from_dict(cls, state: Mapping[str, Any]) -> "GradientBlender":
+    """Rebuilds a blender from ``to_dict()`` output (e.g. after JSON).
 
     Raises:
       ValueError: invalid config or weights (as in ``__init__``).
@@ -327,6 +327,10 @@ class GradientBlender:
                                        np.asarray(ref[1], np.float64))
     b.history = [BlendRecord(**r) for r in state["history"]]
     return b
+
+  # PyTorch-style names for the same pair.
+  state_dict = to_dict
+  from_state_dict = from_dict
 
 
 def _columns(heads: Sequence[str]) -> list[str]:

@@ -208,7 +208,7 @@ def test_weights_feed_a_jitted_step_without_retracing():
   np.testing.assert_allclose(results[0], 2.0, rtol=1e-6)  # Uniform weights.
 
 
-def test_history_csv_state_dict_and_plot(tmp_path):
+def test_history_csv_to_dict_and_plot(tmp_path):
   blender = GradientBlender(HEADS, floor=0.01)
   for epoch in range(4, 20, 5):
     blender.update(epoch, *_scripted_losses(epoch))
@@ -226,8 +226,9 @@ def test_history_csv_state_dict_and_plot(tmp_path):
   assert history_rows(blender.history) == blender.history_rows()
 
   # JSON round trip of the host-side state, then identical next update.
-  state = json.loads(json.dumps(blender.state_dict()))
-  restored = GradientBlender.from_state_dict(state)
+  state = json.loads(json.dumps(blender.to_dict()))
+  assert state == blender.state_dict()
+  restored = GradientBlender.from_dict(state)
   assert restored.history == blender.history
   nxt = _scripted_losses(24)
   np.testing.assert_array_equal(restored.update(24, *nxt),
