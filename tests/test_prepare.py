@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 
 from jaxsurv.data import manifest as mf
 from jaxsurv.data import mri
@@ -174,6 +175,22 @@ def test_tabular_cohort_round_trips(env, tmp_path):
   assert prepare.prepare_cohort("gbsg", data_dir=tmp_path / "tfds", progress=False).reused
   with pytest.raises(ValueError, match="no images"):
     prepare.prepare_dataset("gbsg", preprocess=CFG, data_dir=tmp_path / "tfds")
+
+
+def test_rotterdam_rendered_keeps_tumour_size_visible(env, tmp_path):
+  # Default settings use a fixed field of view, so the mask's voxel count on
+  # the grid grows with the rendered diameter (a box + margin crop would
+  # rescale every tumour to about the same size).
+  pc = prepare.prepare_cohort("rotterdam_rendered", n_patients=8, data_dir=tmp_path / "tfds",
+                              progress=False)
+  assert pc.preprocess == prepare.ROTTERDAM_RENDERED_PREPROCESS and pc.images.shape[1:] == (64, 64, 64, 2)
+  assert "size" not in pc.table.columns and "grade" not in pc.table.columns
+  voxels = pc.masks.reshape(len(pc), -1).sum(axis=1)
+  diameter = pc.table["render_diameter_mm"].to_numpy()
+  # Rank correlation (not strict order): axis ratios and margins are random.
+  rho = scipy.stats.spearmanr(diameter, voxels).statistic
+  assert rho > 0.9, (diameter, voxels)
+  assert voxels.max() > 10 * voxels.min()
 
 
 def test_grain_batches_match_memory(env):
