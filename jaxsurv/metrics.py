@@ -415,6 +415,35 @@ def _patient_counts(duration, event, risk, risk_lo, mask, tied_tol) -> Array:
   return jnp.zeros_like(counts_t).at[:, st.perm_t].set(counts_t, unique_indices=True)
 
 
+def _dense_patient_counts(duration, event, risk, risk_lo, mask, tied_tol) -> Array:
+  """The same ``[4, n]`` int32 per-patient counts by brute force over all n^2 pairs.
+
+  No sort and no loop, so it compiles in a fraction of the tree core's time
+  and is faster for small n (it is the default up to 2048 patients). Memory
+  stays O(n) per row block because XLA fuses the pair tests into the sums.
+  """
+  ev = event.astype(bool)
+  if mask is not None:
+    ev = ev & mask.astype(bool)
+    valid_j = mask.astype(bool)[None, :]
+  else:
+    valid_j = True
+  ti, tj = duration[:, None], duration[None, :]
+  comp = ev[:, None] & ((ti < tj) | ((ti == tj) & ~ev[None, :])) & valid_j
+  d = risk[None, :] - risk[:, None]            # fl(risk_j - risk_i), as sksurv
+  if risk_lo is not None:
+    d = d + (risk_lo[None, :] - risk_lo[:, None])
+  tol = jnp.asarray(tied_tol, d.dtype)
+  tied = jnp.abs(d) <= tol
+  conc = d < -tol
+  count = lambda x: jnp.sum(x, axis=1, dtype=jnp.int32)
+  return jnp.stack([count(comp & conc), count(comp & tied), count(comp),
+                    count(comp & (ti == tj))])
+
+
+_jit_dense_patient_counts = jax.jit(_dense_patient_counts)
+
+
 def _chunk(n: int) -> int:
   """Largest power-of-two chunk whose int32 sum of per-patient counts (< n each) cannot overflow."""
   c = 1
@@ -539,11 +568,21 @@ def _device_inputs(d: np.ndarray, e: np.ndarray, r: np.ndarray):
   return pad(t_rank.reshape(-1), np.int32), pad(e, bool), pad(r_hi, np.float32), lo, mask
 
 
-def _per_patient(d, e, r, tol) -> np.ndarray:
+_DENSE_COUNTS_MAX = 2048
+
+
+def _per_patient(d, e, r, tol, method: str = "auto") -> np.ndarray:
   """``[4, n]`` int64 per-patient counts (see ``_patient_counts``) for validated arrays."""
   args = _device_inputs(d, e, r)
-  out = np.asarray(_jit_patient_counts(*args, tol)).astype(np.int64)
-  return out[:, : d.shape[0]]
+  if method == "auto":
+    method = "dense" if args[0].shape[0] <= _DENSE_COUNTS_MAX else "tree"
+  if method == "tree":
+    out = _jit_patient_counts(*args, tol)
+  elif method == "dense":
+    out = _jit_dense_patient_counts(*args, tol)
+  else:
+    raise ValueError(f"method: expected 'auto', 'tree' or 'dense', got {method!r}")
+  return np.asarray(out).astype(np.int64)[:, : d.shape[0]]
 
 
 def _no_pairs(what: str = "Harrell's C") -> NoComparablePairsError:
@@ -553,7 +592,8 @@ def _no_pairs(what: str = "Harrell's C") -> NoComparablePairsError:
       "index is undefined")
 
 
-def concordance_counts(duration, event, risk, *, tied_tol: float = 1e-8) -> ConcordanceCounts:
+def concordance_counts(duration, event, risk, *, tied_tol: float = 1e-8,
+                       method: str = "auto") -> ConcordanceCounts:
   """Harrell's C and its pair counts, exactly as scikit-survival computes them.
 
   Equals ``sksurv.metrics.concordance_index_censored(event, duration, risk,
@@ -563,9 +603,10 @@ def concordance_counts(duration, event, risk, *, tied_tol: float = 1e-8) -> Conc
   tied_tol count 1/2. Copies of one patient (e.g. in a bootstrap resample) are
   never comparable to each other.
 
-  The counting runs in JAX in O(n log n) (a wavelet matrix; see the module
-  docstring). Counts are exact integers in any precision mode: partial sums
-  are int32 in JAX and summed in int64 on the host. With x64 enabled all
+  The counting runs in JAX: in O(n log n) with a wavelet matrix (see the
+  module docstring), or for small n by brute force over the n^2 pairs, which
+  compiles faster. Counts are exact integers in any precision mode: per-patient
+  counts are int32 in JAX (each < n) and are summed in int64 on the host. With x64 enabled all
   arithmetic is float64 like sksurv; without it, times are ranked on the host
   and risks split into two float32 parts, which keeps the float64 order (tie
   decisions then use float32 arithmetic on the parts, which can differ from
@@ -576,6 +617,8 @@ def concordance_counts(duration, event, risk, *, tied_tol: float = 1e-8) -> Conc
     event: ``[n]`` event indicator, 1/True = event, 0/False = censored.
     risk: ``[n]`` risk scores, higher = higher hazard = earlier event.
     tied_tol: absolute tolerance for tied risks (sksurv's default 1e-8).
+    method: "tree" (O(n log n)), "dense" (O(n^2) pairs) or "auto" (dense up
+      to 2048 patients after padding, else tree). Results are identical.
 
   Returns:
     ``ConcordanceCounts(cindex, concordant, discordant, tied_risk, tied_time)``.
@@ -591,8 +634,7 @@ def concordance_counts(duration, event, risk, *, tied_tol: float = 1e-8) -> Conc
   """
   tol = _check_tol(tied_tol)
   d, e, r = _validated(duration, event, risk)
-  args = _device_inputs(d, e, r)
-  totals = np.asarray(_chunked_totals(*args, tol)).astype(np.int64).sum(axis=1)
+  totals = _per_patient(d, e, r, tol, method).sum(axis=1)
   conc, tied, comparable, tied_time = (int(x) for x in totals)
   if comparable == 0:
     raise _no_pairs()
@@ -602,7 +644,8 @@ def concordance_counts(duration, event, risk, *, tied_tol: float = 1e-8) -> Conc
   return ConcordanceCounts(float(cindex), conc, comparable - conc - tied, tied, tied_time)
 
 
-def concordance_index(duration, event, risk, *, tied_tol: float = 1e-8) -> float:
+def concordance_index(duration, event, risk, *, tied_tol: float = 1e-8,
+                      method: str = "auto") -> float:
   """Harrell's concordance index as a Python float.
 
   See ``concordance_counts`` for the exact semantics, shapes and errors; this
@@ -611,7 +654,7 @@ def concordance_index(duration, event, risk, *, tied_tol: float = 1e-8) -> float
   without being equal (lifelines treats only exact equality as a tie and reads
   scores as survival-like, hence the minus sign).
   """
-  return concordance_counts(duration, event, risk, tied_tol=tied_tol).cindex
+  return concordance_counts(duration, event, risk, tied_tol=tied_tol, method=method).cindex
 
 
 # -----------------------------------------------------------------------------
@@ -938,29 +981,31 @@ def _check_bootstrap_args(n_resamples, confidence):
     raise ValueError(f"confidence: must be in (0, 1), got {confidence!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("n", "count"))
-def _multinomial_counts(key, first, n: int, count: int) -> Array:
-  """``[count, n]`` int32 resample counts for replicates first..first+count-1.
-
-  Replicate b draws n patient indices uniformly with replacement from
-  ``fold_in(key, b)``, so a replicate does not depend on how replicates are
-  chunked.
-  """
-  def one(b):
-    idx = jax.random.randint(jax.random.fold_in(key, b), (n,), 0, n)
-    return jnp.zeros((n,), jnp.int32).at[idx].add(1)
-  return jax.vmap(one)(first + lax.iota(jnp.int32, count))
+_WEIGHT_BLOCK = 64
 
 
 def bootstrap_weights(n: int, n_resamples: int, seed: int = 0, *, first: int = 0) -> np.ndarray:
   """The resample counts that ``bootstrap_cindex`` uses: ``[n_resamples, n]`` int32.
 
   Row b holds how often each patient appears in resample ``first + b`` (n
-  draws with replacement, from ``jax.random.fold_in(jax.random.key(seed), b)``);
-  each row sums to n. Materialise resample b as ``np.repeat(np.arange(n), w[b])``.
+  draws with replacement); each row sums to n. Materialise resample b as
+  ``np.repeat(np.arange(n), w[b])``. Replicates are drawn in fixed blocks of
+  64 (block k from ``numpy.random.default_rng([seed, k])``, all its indices in
+  one call), so a replicate does not depend on how callers chunk the work.
+  Drawing on the host costs no compile and is as fast as on a CPU device.
   """
-  key = jax.random.key(seed)
-  return np.asarray(_multinomial_counts(key, jnp.int32(first), int(n), int(n_resamples)))
+  n, count, first = int(n), int(n_resamples), int(first)
+  out = np.empty((count, n), np.int32)
+  for block in range(first // _WEIGHT_BLOCK, -(-(first + count) // _WEIGHT_BLOCK)):
+    rng = np.random.default_rng([int(seed), block])
+    idx = rng.integers(0, n, (_WEIGHT_BLOCK, n))
+    lo = max(first, block * _WEIGHT_BLOCK)
+    hi = min(first + count, (block + 1) * _WEIGHT_BLOCK)
+    rows = np.arange(lo, hi) - block * _WEIGHT_BLOCK
+    # One bincount for all rows: offset row r's indices by r * n.
+    flat = (idx[rows] + (np.arange(rows.size) * n)[:, None]).ravel()
+    out[lo - first:hi - first] = np.bincount(flat, minlength=rows.size * n).reshape(rows.size, n)
+  return out
 
 
 def _dense_matrices(d: np.ndarray, e: np.ndarray, r: np.ndarray, tol: float):
@@ -1095,7 +1140,7 @@ def bootstrap_cindex(duration, event, risk, *, n_resamples: int = 1000, seed: in
     tied_tol: absolute tolerance for tied risks.
     method: "auto", "dense" or "tree" (see ``weighted_concordance_index``).
     chunk: replicates per vectorised batch; default keeps the weight matrix
-      around 2^24 entries.
+      around 2^24 entries. Results do not depend on it.
 
   Returns:
     ``BootstrapResult`` (estimate = C on the full data; sd; percentile
@@ -1108,15 +1153,16 @@ def bootstrap_cindex(duration, event, risk, *, n_resamples: int = 1000, seed: in
   """
   _check_bootstrap_args(n_resamples, confidence)
   estimate = concordance_index(duration, event, risk, tied_tol=tied_tol)
-  n = np.shape(duration)[0]
+  n, b_total = np.shape(duration)[0], int(n_resamples)
   if chunk is None:
-    chunk = max(1, min(int(n_resamples), (1 << 24) // max(n, 1)))
+    chunk = max(1, min(b_total, (1 << 24) // max(n, 1)))
   reps = []
-  for first in range(0, int(n_resamples), chunk):
-    count = min(chunk, int(n_resamples) - first)
-    w = bootstrap_weights(n, count, seed, first=first)
-    reps.append(weighted_concordance_index(duration, event, risk, w, tied_tol=tied_tol,
-                                           method=method))
+  for first in range(0, b_total, chunk):
+    # Every chunk has the same shape (the last one computes a few extra
+    # replicates and drops them), so the vectorised code compiles once.
+    w = bootstrap_weights(n, chunk, seed, first=first)
+    c = weighted_concordance_index(duration, event, risk, w, tied_tol=tied_tol, method=method)
+    reps.append(c[: min(chunk, b_total - first)])
   return _summarise(estimate, np.concatenate(reps), confidence)
 
 
