@@ -1,0 +1,1 @@
+"""Experiment configs (ml-collections). One file per experiment."""

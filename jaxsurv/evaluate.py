@@ -1,0 +1,201 @@
+"""Evaluation of survival predictions over whole splits, and the run's reports.
+
+Metrics are computed on the host over a *whole* split (never averaged per
+batch): Harrell's C, Uno's IPCW C, the integrated Brier score, time-dependent
+AUC at fixed horizons, and a bootstrap SD / percentile interval of Harrell's C.
+Survival curves of Cox models come from the Breslow baseline fitted on the
+training split's risks (``jaxsurv.survival.BreslowBaseline``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from jaxsurv import metrics, survival
+
+
+def _horizon_key(years: float) -> str:
+  return f"{years:g}y"
+
+
+def _safe(fn, *args, **kwargs):
+  """Runs a metric; returns (value, None) or (None, reason) for undefined cases.
+
+  A metric can be undefined on a split (e.g. no comparable pairs, a horizon
+  beyond the follow-up); the report then says why instead of crashing a run
+  that already trained.
+  """
+  try:
+    return fn(*args, **kwargs), None
+  except ValueError as e:
+    return None, str(e)
+
+
+def evaluate_outcome(*, risk: np.ndarray, duration: np.ndarray, event: np.ndarray,
+                     train_risk: np.ndarray, train_duration: np.ndarray,
+                     train_event: np.ndarray, horizons_years: Sequence[float],
+                     bootstrap_resamples: int = 0, seed: int = 0) -> dict:
+  """Metrics of one outcome on one split.
+
+  Args:
+    risk: ``[n]`` log-hazards on the split (higher = earlier event).
+    duration: ``[n]`` durations in days. event: ``[n]`` 0/1.
+    train_risk, train_duration, train_event: ``[m]`` on the training split,
+      for the Breslow baseline and the censoring distribution (IPCW).
+    horizons_years: horizons for the time-dependent AUC and event
+      probabilities (years; 365.25 days each).
+    bootstrap_resamples: number of bootstrap resamples of Harrell's C (0: off).
+
+  Returns:
+    ``{"n", "events", "cindex", "cindex_uno", "ibs", "auc": {"2y": ...},
+    "cindex_sd", "cindex_ci", "notes": {...}}``; a metric that is undefined
+    on this split is None and ``notes`` says why.
+  """
+  out: dict = {"n": int(len(risk)), "events": int(np.sum(event)), "notes": {}}
+  out["cindex"], why = _safe(metrics.concordance_index, duration, event, risk)
+  if why:
+    out["notes"]["cindex"] = why
+  horizons = survival.horizons_in_days(horizons_years)
+  # The censoring distribution G is only known up to the training split's
+  # last follow-up t_max. The IPCW metrics below only look at times < t_max,
+  # where censoring the split administratively at t_max changes nothing
+  # (a patient followed beyond t_max is still at risk at every time used).
+  t_max = float(train_duration.max())
+  late = duration >= t_max
+  ipcw_duration = np.where(late, np.nextafter(t_max, 0.0), duration)
+  ipcw_event = np.where(late, 0, event)
+  tau = float(min(horizons.max(), np.nextafter(t_max, 0.0)))
+  uno, why = _safe(metrics.concordance_index_ipcw, train_duration, train_event,
+                   ipcw_duration, ipcw_event, risk, tau=tau)
+  out["cindex_uno"] = None if uno is None else float(uno[0])
+  if why:
+    out["notes"]["cindex_uno"] = why
+  baseline = survival.BreslowBaseline.fit(train_risk, train_duration, train_event)
+  lo, hi = np.percentile(duration, [10, 90])
+  hi = min(hi, t_max * 0.999)
+  times = np.linspace(lo, hi, 50) if hi > lo else np.array([lo])
+  surv = baseline.survival(risk, times)
+  out["ibs"], why = _safe(metrics.integrated_brier_score, train_duration, train_event,
+                          ipcw_duration, ipcw_event, surv, times)
+  if why:
+    out["notes"]["ibs"] = why
+  out["auc"] = {}
+  for years, h in zip(horizons_years, horizons):
+    p = survival.event_probability(baseline.survival(risk, [h])[:, 0])
+    value, why = _safe(metrics.cumulative_dynamic_auc, train_duration, train_event,
+                       ipcw_duration, ipcw_event, p, [h])
+    key = _horizon_key(years)
+    if value is not None:
+      value = float(np.ravel(value[0] if isinstance(value, tuple) else value)[0])
+    out["auc"][key] = value
+    if why:
+      out["notes"][f"auc_{key}"] = why
+  if bootstrap_resamples and out["cindex"] is not None:
+    b, why = _safe(metrics.bootstrap_cindex, duration, event, risk,
+                   n_resamples=bootstrap_resamples, seed=seed)
+    if b is not None:
+      out["cindex_sd"] = float(b.sd)
+      out["cindex_ci"] = [float(b.ci_low), float(b.ci_high)]
+    else:
+      out["notes"]["cindex_sd"] = why
+  if not out["notes"]:
+    del out["notes"]
+  return out
+
+
+def survival_columns(prefix: str, baseline: survival.BreslowBaseline, risk: np.ndarray,
+                     horizons_years: Sequence[float]) -> dict:
+  """Per-patient S(h) and P(event by h) columns for the predictions CSV."""
+  cols = {}
+  s = baseline.survival(risk, survival.horizons_in_days(horizons_years))
+  for j, years in enumerate(horizons_years):
+    cols[f"surv_{prefix}_{_horizon_key(years)}"] = s[:, j]
+    cols[f"p_{prefix}_{_horizon_key(years)}"] = 1.0 - s[:, j]
+  return cols
+
+
+def write_json_atomic(obj, path: os.PathLike) -> None:
+  """Writes JSON via a temporary file and an atomic rename."""
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
+  os.replace(tmp, path)
+
+
+def write_csv_atomic(df: pd.DataFrame, path: os.PathLike) -> None:
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  df.to_csv(tmp, index=False)
+  os.replace(tmp, path)
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+# ----------------------------------------------------------------------------
+# Plots (matplotlib, Agg backend).
+# ----------------------------------------------------------------------------
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_km_by_risk_group(path, *, risk, duration, event, threshold, title: str) -> None:
+  """Kaplan-Meier curves (scikit-survival) of the high- and low-risk groups.
+
+  ``threshold`` should come from the training split (e.g. its median risk) so
+  the grouping is not fitted on the plotted split.
+  """
+  from sksurv.nonparametric import kaplan_meier_estimator
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for name, sel, color in (("low risk", risk <= threshold, "tab:blue"),
+                           ("high risk", risk > threshold, "tab:red")):
+    if sel.sum() == 0:
+      continue
+    t, s = kaplan_meier_estimator(event[sel].astype(bool), duration[sel] / 365.25)
+    ax.step(t, s, where="post", color=color, label=f"{name} (n={int(sel.sum())})")
+  ax.set_xlabel("years")
+  ax.set_ylabel("survival probability")
+  ax.set_ylim(0, 1.02)
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_training_curves(path, history: Sequence[Mapping]) -> None:
+  """Training loss, validation loss and validation C-index per epoch."""
+  plt = _pyplot()
+  epochs = [h["epoch"] for h in history]
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  axes[0].plot(epochs, [h["train_loss"] for h in history], label="train (blended)")
+  axes[0].plot(epochs, [h["val_loss"] for h in history], label="val (mm head)")
+  axes[0].set_xlabel("epoch")
+  axes[0].set_ylabel("Cox loss")
+  axes[0].legend()
+  for key in sorted({k for h in history for k in h if k.startswith("val_cindex_")}):
+    axes[1].plot(epochs, [h.get(key, math.nan) for h in history], label=key[len("val_"):])
+  axes[1].set_xlabel("epoch")
+  axes[1].set_ylabel("validation C-index")
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

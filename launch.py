@@ -1,0 +1,34 @@
+r"""Launches a jaxsurv experiment.
+
+  python launch.py --config=configs/mmnn.py --workdir=runs/mmnn
+  python launch.py --config=configs/mmnn.py:local --workdir=runs/local --config.num_epochs=5
+
+Intentionally thin: everything lives in the config file; ``--config.x=y``
+overrides any field.
+"""
+
+import logging
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, results).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  # Libraries (orbax, tfds) log every checkpoint step at INFO through absl;
+  # keep their warnings and jaxsurv's own progress messages.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("jaxsurv").setLevel(logging.INFO)
+  from jaxsurv import train
+  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info("results: %s", {k: v for k, v in results.items() if k in ("val", "test")})
+
+
+if __name__ == "__main__":
+  app.run(main)
