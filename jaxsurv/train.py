@@ -264,9 +264,20 @@ def build_arrays(prepared, config, train_ids) -> tuple[CohortArrays, clinical_li
   """Fits the clinical preprocessing on the training ids and builds arrays."""
   table = prepared.table.reset_index(drop=True)
   _check_columns(table, config)
+  # A level seen only outside the training split (a rare category) cannot
+  # have a learned weight: it is encoded as all zeros, and reported.
   pre = clinical_lib.ClinicalPreprocessor(numeric=tuple(config.data.numeric),
-                                          categorical=tuple(config.data.categorical))
+                                          categorical=tuple(config.data.categorical),
+                                          handle_unknown="ignore")
   is_train = table["patient_id"].isin(set(train_ids)).to_numpy()
+  for col in config.data.categorical:
+    seen = set(table.loc[is_train, col].dropna().map(clinical_lib.level_key))
+    unseen = table.loc[~is_train, col].dropna().map(clinical_lib.level_key)
+    unseen = unseen[~unseen.isin(seen)]
+    if len(unseen):
+      log.warning("column %r: %d non-training patients have levels absent from the training "
+                  "split (%s); they are encoded as all zeros", col, len(unseen),
+                  sorted(set(unseen)))
   if pre.numeric or pre.categorical:
     pre.fit(table[is_train])
     clin = pre.transform(table).astype(np.float32)

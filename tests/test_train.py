@@ -88,3 +88,81 @@ def test_sharded_train_step_equals_single_device():
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "STEP_OK" in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# End to end on a tiny demo cohort.
+# ----------------------------------------------------------------------------
+
+
+def _tiny_config(**overrides):
+  from configs import mmnn
+  c = mmnn.get_config("local,cohort=sarcoma_phantom,n_patients=32")
+  c.data.preprocess.grid = (16, 16, 16)
+  c.data.preprocess.spacing_mm = 4.0
+  c.model.image.update(dict(init_features=4, growth_rate=2, block_config=(1, 1), bn_size=2))
+  c.model.clinical.hidden_sizes = (8,)
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_epochs = 3
+  c.blend.every_epochs = 1
+  c.eval.bootstrap_resamples = 20
+  c.progress_bar = False
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXSURV_CACHE", str(tmp_path / "cache"))
+  return tmp_path
+
+
+def test_end_to_end_run_and_resume(cache, monkeypatch):
+  """A run killed after its first epoch resumes and ends exactly like an uninterrupted one."""
+  from jaxsurv import train
+  full = train.train_and_evaluate(_tiny_config(), str(cache / "full"))
+  for name in ("results.json", "predictions.csv", "config.json", "splits.json",
+               "preprocess.json", "training_curves.png", "blend_weights.png", "km_test_os.png"):
+    assert (cache / "full" / name).exists(), name
+  res = json.loads((cache / "full" / "results.json").read_text())
+  for split in ("val", "test"):
+    for o in ("os", "dm"):
+      assert 0.0 <= res[split][o]["cindex"] <= 1.0
+      assert set(res[split][o]["auc"]) == {"2y", "5y"}
+      assert "oracle_cindex" in res[split][o]
+  pred = pd.read_csv(cache / "full" / "predictions.csv")
+  assert set(pred["split"]) == {"train", "val", "test"} and len(pred) == 32
+  assert np.all((pred["p_os_5y"] >= pred["p_os_2y"] - 1e-12))  # Event prob. grows with time.
+
+  real_order = train._epoch_order
+  def interrupted(seed, epoch, idx):
+    if epoch == 1:
+      raise KeyboardInterrupt("simulated kill")
+    return real_order(seed, epoch, idx)
+  monkeypatch.setattr(train, "_epoch_order", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(_tiny_config(), str(cache / "resumed"))
+  assert (cache / "resumed" / "checkpoints").exists()
+  assert not (cache / "resumed" / "results.json").exists()
+  monkeypatch.setattr(train, "_epoch_order", real_order)
+  resumed = train.train_and_evaluate(_tiny_config(), str(cache / "resumed"))
+  assert resumed["best_epoch"] == full["best_epoch"]
+  for split in ("val", "test"):
+    for o in ("os", "dm"):
+      np.testing.assert_allclose(resumed[split][o]["cindex"], full[split][o]["cindex"], rtol=1e-6)
+  pred2 = pd.read_csv(cache / "resumed" / "predictions.csv")
+  np.testing.assert_allclose(pred2["risk_os"], pred["risk_os"], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_config_and_nan_loss(cache, monkeypatch):
+  from jaxsurv import train
+  with pytest.raises(ValueError, match=r"missing from cohort.*\['tumour_volume'\]"):
+    train.train_and_evaluate(_tiny_config(**{"data.numeric": ("age", "tumour_volume")}),
+                             str(cache / "bad"))
+  monkeypatch.setattr(train, "cox_head_losses",
+                      lambda outputs, batch, heads, ties: {k: jnp.nan * jnp.sum(outputs[k])
+                                                           for k in heads})
+  with pytest.raises(train.TrainingError, match=r"non-finite training loss nan at step \d+"):
+    train.train_and_evaluate(_tiny_config(), str(cache / "nan"))
+  assert not (cache / "nan" / "results.json").exists()
