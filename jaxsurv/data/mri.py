@@ -61,7 +61,7 @@ PathLike = str | os.PathLike
 
 # Bump when a code change alters preprocessing output for unchanged settings,
 # so that fingerprints (and the prepared datasets they version) change too.
-_PIPELINE_VERSION = 1
+_PIPELINE_VERSION = 2  # 2: z-score of tiny tumours from the isotropic stage.
 
 _INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,
@@ -360,6 +360,11 @@ def read_image(path: PathLike, *, pixel_type=sitk.sitkFloat32, check: bool = Tru
 # Configuration.
 
 
+# Below this many tumour voxels on the output grid, z-score statistics come
+# from the isotropic intermediate resampling instead (see preprocess_case).
+_MIN_ZSCORE_VOXELS = 27
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
   """Settings of ``preprocess_case``; ``fingerprint()`` versions prepared datasets.
@@ -383,7 +388,9 @@ class PreprocessConfig:
     n4_iterations: iterations per fitting level (length = number of levels).
     n4_convergence: N4 convergence threshold.
     n4_control_points: B-spline control points per axis at the first level.
-    zscore: per-channel z-score over the tumour-mask voxels of the output.
+    zscore: per-channel z-score over the tumour-mask voxels of the output
+      (over the finer isotropic stage when the tumour covers fewer than 27
+      output voxels, so tiny tumours still get stable statistics).
     interpolation: image interpolator: nearest, linear, bspline or lanczos.
     mask_interpolation: "nearest", or "linear" (linear, then >= 0.5).
     antialias: Gaussian smoothing before shrinking to the grid.
@@ -767,12 +774,13 @@ def preprocess_case(image_paths: Sequence[PathLike] | PathLike, mask_path: PathL
   if not inside.any():
     raise EmptyMaskError(f"{mask_path}: tumour mask vanishes on the {cfg.grid} grid")
 
-  vols = []
+  vols, fine = [], []
   for c, p in zip(channels, paths):
     pad = _minimum(c) if cfg.pad_value is None else cfg.pad_value
     if not cfg.require_same_grid and c is not ref:
       _check_covers(c, iso_mask, p)
     v = _resample(c, iso, interp, pad)
+    fine.append(v)
     if smooth:
       v = sitk.DiscreteGaussian(v, variance.tolist(), 32, 0.01, True)
     vols.append(sitk.GetArrayFromImage(_resample(v, grid, interp, pad)))
@@ -781,14 +789,19 @@ def preprocess_case(image_paths: Sequence[PathLike] | PathLike, mask_path: PathL
   means = stds = None
   if cfg.zscore:
     vals = volume[inside]  # [n_tumour_voxels, C]
+    if len(vals) < _MIN_ZSCORE_VOXELS:
+      # A tumour of a handful of grid voxels (e.g. 7 mm on a 4 mm grid) gives
+      # unstable or zero-variance statistics: use the finer isotropic stage.
+      iso_inside = sitk.GetArrayViewFromImage(iso_mask) > 0
+      vals = np.stack([sitk.GetArrayViewFromImage(v)[iso_inside] for v in fine], axis=-1)
     means = vals.mean(axis=0, dtype=np.float64)
     stds = vals.std(axis=0, dtype=np.float64)
-    for c, (s, p) in enumerate(zip(stds, paths)):
-      if not s > 0:
+    for c, (sd, p) in enumerate(zip(stds, paths)):
+      if not sd > 0:
         raise ValueError(f"{p}: channel {c} has zero intensity variance inside the tumour mask "
                          f"{mask_path}; cannot z-score")
     volume = ((volume - means) / stds).astype(np.float32)
-    means, stds = tuple(float(m) for m in means), tuple(float(s) for s in stds)
+    means, stds = tuple(float(m) for m in means), tuple(float(sd) for sd in stds)
   region = None
   if tumour_region is not None:
     region = sitk.GetArrayFromImage(tumour_region).astype(bool) | inside
