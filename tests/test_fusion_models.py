@@ -29,36 +29,23 @@ SMALL_HEAL = dict(depth=2, num_latents=3, latent_dim=8, cross_heads=2,
                   cross_dim_head=4, latent_heads=2, latent_dim_head=4)
 
 
+# Per-function XLA options (as tests/test_models.py): several times faster
+# compiles of these tiny models on CPU; run time is irrelevant here.
+_fast_jit = functools.partial(jax.jit, compiler_options={
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True})
+
+
 def _n_params(tree) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _init(model, inputs, presence):
-  return model.init({"params": jax.random.key(0)}, inputs, presence,
-                    train=False)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _apply(model, variables, inputs, presence, train=False):
-  return model.apply(variables, inputs, presence, train=train,
-                     rngs={"dropout": jax.random.key(7)})
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _grads(model, variables, inputs, presence):
-  def loss(params):
-    out, _ = model.apply({"params": params}, inputs, presence, train=True,
-                         rngs={"dropout": jax.random.key(3)})
-    return jnp.sum(out ** 2)
-  return jax.grad(loss)(variables["params"])
-
-
 def _batch(seed=0, garbage=None):
-  """Inputs for MODS: patient 0 misses rna, patient 1 has an empty bag
-  (all tiles masked, presence True), patient 2 misses clinical, patient 3
-  has everything with 2 padded tiles. ``garbage`` (a seed) fills every
-  missing/padded slot with NaN/inf/huge values drawn from that seed."""
+  """Inputs for MODS, ``B`` patients: patient 0 misses rna, patient 1 has an
+  empty bag (all tiles masked, presence True), patient 2 misses clinical,
+  patient 3 has everything with 2 padded tiles (patient 0 has 1).
+  ``garbage`` (a seed) fills every missing/padded slot with NaN/inf/huge
+  values drawn from that seed. Returns numpy dicts ``(inputs, presence)``."""
   r = np.random.default_rng(seed)
   rna = r.normal(size=(B, N_RNA)).astype(np.float32)
   clin = r.normal(size=(B, N_CLIN)).astype(np.float32)
@@ -79,8 +66,58 @@ def _batch(seed=0, garbage=None):
     clin[2] = junk(N_CLIN)
     wsi[~mask] = junk((int((~mask).sum()), D_TILE))
   inputs = {"rna": rna, "clinical": clin, "wsi": wsi, "wsi_tile_mask": mask}
-  return ({k: jnp.asarray(v) for k, v in inputs.items()},
-          {k: jnp.asarray(v) for k, v in presence.items()})
+  return inputs, presence
+
+
+def _concat(*batches):
+  """Concatenates ``(inputs, presence)`` pairs along the batch axis: the
+  models are row-independent, so one compiled call checks many variants."""
+  inputs = {k: np.concatenate([b[0][k] for b in batches]) for k in batches[0][0]}
+  presence = {k: np.concatenate([b[1][k] for b in batches])
+              for k in batches[0][1]}
+  return inputs, presence
+
+
+def _variants():
+  """5 variants of ``_batch()`` stacked to ``[5 * B, ...]``: 0 clean,
+  1 garbage in every missing slot, 2 patient 1's empty bag also flagged
+  absent, 3 patient 3's rna flagged absent, 4 nothing present."""
+  clean = _batch()
+  garbage = _batch(garbage=123)
+  inp, pres = _batch()
+  v2 = (inp, dict(pres, wsi=np.array([1, 0, 1, 1], bool)))
+  v3 = (inp, dict(pres, rna=np.array([0, 1, 1, 0], bool)))
+  v4 = (inp, {k: np.zeros(B, bool) for k in pres})
+  return _concat(clean, garbage, v2, v3, v4)
+
+
+N_VARIANTS = 5
+
+
+@functools.partial(_fast_jit, static_argnums=(0,))
+def _init_run(model, inputs, presence):
+  """Init + eval forward + train-mode gradients, one compiled program."""
+  (out, aux), variables = model.init_with_output(
+      {"params": jax.random.key(0)}, inputs, presence, train=False)
+
+  def loss(params):
+    out, _ = model.apply({"params": params}, inputs, presence, train=True,
+                         rngs={"dropout": jax.random.key(3)})
+    return jnp.sum(out ** 2)
+  return variables, out, aux, jax.grad(loss)(variables["params"])
+
+
+@functools.lru_cache(maxsize=None)
+def _case(case):
+  """Runs MODEL_CASES[case] once on ``_variants()`` (cached across tests).
+
+  Returns ``(model, variables, out [5, B, n_out], aux, grads)``; ``aux``
+  leaves are reshaped to ``[5, B, ...]``."""
+  model = MODEL_CASES[case]()
+  inputs, presence = _variants()
+  variables, out, aux, grads = _init_run(model, inputs, presence)
+  split = lambda a: np.asarray(a).reshape(N_VARIANTS, B, *a.shape[1:])
+  return model, variables, split(out), jax.tree.map(split, aux), grads
 
 
 # --------------------------------------------------------------- AlphaDropout
@@ -152,36 +189,54 @@ def test_masked_softmax_matches_softmax_over_valid_entries():
   np.testing.assert_array_equal(w[2], 0)
 
 
-def test_attention_mil_masked_equals_unpadded_bag():
+def _mil_reference(params, x, mask):
+  """AttentionMIL eval forward by hand in numpy (Ilse et al. eq. 9)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  dense = lambda d, v: v @ d["kernel"] + d["bias"]
+  h = np.maximum(dense(p["fc"], x), 0)
+  a = np.tanh(dense(p["attention"]["V"], h))
+  g = 1 / (1 + np.exp(-dense(p["attention"]["U"], h)))
+  scores = dense(p["attention"]["w"], a * g)[..., 0]
+  att = np.zeros_like(scores)
+  emb = []
+  for b in range(x.shape[0]):
+    valid = mask[b]
+    e = np.exp(scores[b, valid] - scores[b, valid].max())
+    att[b, valid] = e / e.sum()
+    emb.append(np.maximum(dense(p["rho"], att[b] @ h[b]), 0))
+  return np.stack(emb), att
+
+
+def test_attention_mil_matches_reference_and_ignores_padding():
   model = AttentionMIL(fc_dim=8, attn_dim=4, out_dim=5)
   r = np.random.default_rng(0)
   x = r.normal(size=(2, 6, 3)).astype(np.float32)
   mask = np.array([[1, 1, 1, 1, 0, 0], [1, 0, 1, 0, 1, 0]], bool)
   x_garbage = x.copy()
   x_garbage[~mask] = np.nan
-  params = model.init(jax.random.key(0), x, mask, train=False)
-  apply = jax.jit(lambda x, m: model.apply(params, x, m, train=False))
-  emb, att = apply(x_garbage, mask)
-  assert emb.shape == (2, 5) and att.shape == (2, 6)
-  np.testing.assert_allclose(np.asarray(att).sum(1), 1.0, rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(att)[~mask], 0.0)
-  assert np.all(np.isfinite(np.asarray(emb)))
-  for b in range(2):  # Same as the bag of valid tiles alone, no padding.
-    xb = x[b][mask[b]][None]
-    emb_b, att_b = model.apply(params, xb, np.ones(xb.shape[:2], bool),
-                               train=False)
-    np.testing.assert_allclose(emb[b], emb_b[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(att)[b][mask[b]], att_b[0],
-                               rtol=1e-5, atol=1e-7)
-  # Permuting the tiles permutes the attention and leaves the embedding.
   perm = np.array([3, 1, 0, 2, 5, 4])
-  emb_p, att_p = apply(x[:, perm], mask[:, perm])
-  np.testing.assert_allclose(emb_p, emb, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(att_p, np.asarray(att)[:, perm], rtol=1e-5,
-                             atol=1e-7)
+
+  @_fast_jit
+  def run(x, m):
+    params = model.init(jax.random.key(0), x, m, train=False)
+    return params, model.apply(params, x, m, train=False)
+  # Variants in one call: garbage padding, permuted tiles, an empty bag.
+  xs = np.concatenate([x_garbage, x[:, perm], x[:1]])
+  ms = np.concatenate([mask, mask[:, perm], np.zeros_like(mask[:1])])
+  params, (emb, att) = run(xs, ms)
+  emb, att = np.asarray(emb), np.asarray(att)
+  assert emb.shape == (5, 5) and att.shape == (5, 6)
+  emb_ref, att_ref = _mil_reference(params["params"], x, mask)
+  np.testing.assert_allclose(emb[:2], emb_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(att[:2], att_ref, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(att[:2].sum(1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(att[:2][~mask], 0.0)
+  # Permuting the tiles permutes the attention and leaves the embedding.
+  np.testing.assert_allclose(emb[2:4], emb[:2], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(att[2:4], att[:2][:, perm], rtol=1e-5, atol=1e-7)
   # An empty bag: zero attention, finite embedding.
-  _, att0 = apply(x, np.zeros_like(mask))
-  np.testing.assert_array_equal(att0, 0.0)
+  np.testing.assert_array_equal(att[4], 0.0)
+  assert np.all(np.isfinite(emb))
 
 
 # ------------------------------------------------------------------- CM-MMF
@@ -209,218 +264,208 @@ def test_cross_modal_attention_matches_hand_computation():
   # Shared weights: V and w exist once, whatever the number of modalities.
   assert set(params) == {"V", "w"}
   unshared = F.CrossModalAttentionFusion(attn_dim=4, share_weights=False)
-  p2 = unshared.init(jax.random.key(0), f, present)["params"]
-  assert set(p2) == {"V0", "V1", "V2", "w0", "w1", "w2"}
+  p2 = jax.eval_shape(lambda: unshared.init(jax.random.key(0), f, present))
+  assert set(p2["params"]) == {"V0", "V1", "V2", "w0", "w1", "w2"}
 
 
 # ------------------------------------------------------ all models, interface
 
 MODEL_CASES = {
-    "cmmmf": lambda n_out: F.CMMMF(modalities=MODS, n_out=n_out, attn_dim=4,
-                                   **SMALL_ENC),
-    "concat": lambda n_out: F.ConcatFusion(modalities=MODS, n_out=n_out,
-                                           hidden=(8, 8), **SMALL_ENC),
-    "mean": lambda n_out: F.MeanFusion(modalities=MODS, n_out=n_out,
-                                       **SMALL_ENC),
-    "bilinear": lambda n_out: F.BilinearFusion(
-        modalities=MODS, n_out=n_out, scale_dim=2, mmhid=8, **SMALL_ENC),
-    "porpoise": lambda n_out: F.PorpoiseGatedLateFusion(
-        modalities=MODS[::2], n_out=n_out, scale_dim=4, mmhid=8, **SMALL_ENC),
-    "porpoise_concat": lambda n_out: F.PorpoiseGatedLateFusion(
-        modalities=MODS[::2], n_out=n_out, fusion="concat", mmhid=8,
-        **SMALL_ENC),
-    "healnet": lambda n_out: H.HEALNet(modalities=MODS, n_out=n_out,
-                                       ff_dropout=0.1, attn_dropout=0.1,
-                                       **SMALL_HEAL),
-    "unimodal_rna": lambda n_out: F.Unimodal(
-        modalities=(("rna", "tabular"),), n_out=n_out, snn_hidden=(8, 8)),
-    "unimodal_wsi": lambda n_out: F.Unimodal(
-        modalities=(("wsi", "bag"),), n_out=n_out, mil_fc_dim=8,
-        mil_attn_dim=4),
+    "cmmmf": lambda: F.CMMMF(modalities=MODS, attn_dim=4, **SMALL_ENC),
+    "concat": lambda: F.ConcatFusion(modalities=MODS, hidden=(8, 8),
+                                     **SMALL_ENC),
+    "mean": lambda: F.MeanFusion(modalities=MODS, n_out=1, **SMALL_ENC),
+    "bilinear": lambda: F.BilinearFusion(modalities=MODS, scale_dim=2, mmhid=8,
+                                         **SMALL_ENC),
+    "porpoise": lambda: F.PorpoiseGatedLateFusion(
+        modalities=MODS[::2], scale_dim=4, mmhid=8, **SMALL_ENC),
+    "porpoise_concat": lambda: F.PorpoiseGatedLateFusion(
+        modalities=MODS[::2], fusion="concat", mmhid=8, **SMALL_ENC),
+    # Default self_per_cross_attn=1: the per-patient skip must cover it.
+    "healnet": lambda: H.HEALNet(modalities=MODS[::2], ff_dropout=0.1,
+                                 attn_dropout=0.1, **SMALL_HEAL),
+    "unimodal_rna": lambda: F.Unimodal(modalities=(("rna", "tabular"),),
+                                       n_out=1, snn_hidden=(8, 8)),
+    "unimodal_wsi": lambda: F.Unimodal(modalities=(("wsi", "bag"),),
+                                       mil_fc_dim=8, mil_attn_dim=4),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_model_interface_missing_modalities_and_gradients(case):
-  n_out = 1 if case in ("mean", "healnet") else 4  # Cox and time-bin heads.
-  model = MODEL_CASES[case](n_out)
+  model, _, out, aux, grads = _case(case)
+  n_out = model.n_out
+  assert n_out in (1, 4)  # Cox log-hazard and 4 time bins both covered.
+  assert out.shape == (N_VARIANTS, B, n_out) and out.dtype == np.float32
+  assert np.all(np.isfinite(out))
   inputs, presence = _batch()
-  variables = _init(model, inputs, presence)
-  out, aux = _apply(model, variables, inputs, presence)
-  assert out.shape == (B, n_out) and out.dtype == jnp.float32
-  assert np.all(np.isfinite(np.asarray(out)))
   names = [n for n, _ in model.modalities]
   # Effective presence: the all-masked bag of patient 1 counts as missing.
   for n in names:
-    expected = np.asarray(presence[n])
+    expected = presence[n]
     if n == "wsi":
-      expected = expected & np.asarray(inputs["wsi_tile_mask"]).any(1)
-    np.testing.assert_array_equal(aux["presence"][n], expected)
+      expected = expected & inputs["wsi_tile_mask"].any(1)
+    np.testing.assert_array_equal(aux["presence"][n][0], expected)
+  tol = dict(rtol=1e-6, atol=1e-7)
   # Missing modalities / padded tiles replaced by NaN, inf and huge values:
-  # every patient's output is bit-identical.
-  g_inputs, g_presence = _batch(garbage=123)
-  out_g, _ = _apply(model, variables, g_inputs, g_presence)
-  np.testing.assert_array_equal(out_g, out)
+  # every patient's output is unchanged.
+  np.testing.assert_allclose(out[1], out[0], **tol)
   # An empty bag with presence True == presence False.
-  p_off = dict(presence, wsi=presence["wsi"].at[1].set(False))
-  if "wsi" in names:
-    np.testing.assert_array_equal(_apply(model, variables, inputs, p_off)[0],
-                                  out)
-  # Gradients through the garbage batch, in training mode, are finite.
-  grads = _grads(model, variables, g_inputs, g_presence)
+  np.testing.assert_allclose(out[2], out[0], **tol)
+  # Removing patient 3's rna changes patient 3 only.
+  np.testing.assert_allclose(out[3, :3], out[0, :3], **tol)
+  if "rna" in names:
+    assert not np.allclose(out[3, 3], out[0, 3], rtol=1e-4)
+  # Nothing present: one constant prediction, whatever the inputs.
+  np.testing.assert_allclose(out[4], np.broadcast_to(out[4, :1], out[4].shape),
+                             rtol=1e-5, atol=1e-6)
+  # Gradients through the batch holding garbage, in training mode, are
+  # finite and not all zero.
   leaves = jax.tree.leaves(grads)
   assert leaves and all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
   assert any(float(jnp.abs(g).sum()) > 0 for g in leaves)
-  if "wsi" in aux.get("mil_attention", {}):
-    att = np.asarray(aux["mil_attention"]["wsi"])
-    mask = np.asarray(inputs["wsi_tile_mask"])
-    np.testing.assert_array_equal(att[~mask], 0)
-    np.testing.assert_allclose(att[mask.any(1)].sum(1), 1, rtol=1e-5)
+  mask = inputs["wsi_tile_mask"]
+  for att in aux.get("mil_attention", {}).values():
+    np.testing.assert_array_equal(att[0][~mask], 0)
+    np.testing.assert_array_equal(att[0][1], 0)  # empty bag
+    np.testing.assert_allclose(att[0][mask.any(1)].sum(1), 1, rtol=1e-5)
   if case == "cmmmf":
-    w = np.asarray(aux["modality_attention"])
-    p = np.stack([np.asarray(aux["presence"][n]) for n in names], 1)
+    w = aux["modality_attention"][0]
+    p = np.stack([aux["presence"][n][0] for n in names], 1)
     np.testing.assert_array_equal(w[~p], 0)
     np.testing.assert_allclose(w.sum(1), 1, rtol=1e-5)
-
-
-def test_other_patients_unaffected_by_one_patients_presence():
-  # Toggling patient 3's rna presence changes only patient 3's output.
-  for case in ("healnet", "cmmmf", "bilinear"):
-    model = MODEL_CASES[case](4 if case != "healnet" else 1)
-    inputs, presence = _batch()
-    variables = _init(model, inputs, presence)
-    out, _ = _apply(model, variables, inputs, presence)
-    p2 = dict(presence, rna=presence["rna"].at[3].set(False))
-    out2, _ = _apply(model, variables, inputs, p2)
-    np.testing.assert_array_equal(out2[:3], out[:3])
-    assert not np.allclose(out2[3], out[3])
+    np.testing.assert_array_equal(aux["modality_attention"][4], 0)
 
 
 def test_concat_fusion_appends_presence_indicators():
-  model = MODEL_CASES["concat"](4)
-  inputs, presence = _batch()
-  params = _init(model, inputs, presence)["params"]
+  params = _case("concat")[1]["params"]
   # 3 embeddings of 8 + 3 presence indicators feed the first fusion layer.
   assert params["fusion"]["dense0"]["kernel"].shape == (3 * 8 + 3, 8)
 
 
 def test_bilinear_product_width_and_limits():
-  model = MODEL_CASES["bilinear"](4)
-  inputs, presence = _batch()
-  params = _init(model, inputs, presence)["params"]
-  # (scale_dim + 1)^3 = 27 product features for three modalities.
+  params = _case("bilinear")[1]["params"]
+  # (scale_dim + 1)^3 = 27 product features for three modalities, then the
+  # skip layer sees mmhid + 3 embeddings.
   assert params["fusion"]["encoder1"]["kernel"].shape == (27, 8)
+  assert params["fusion"]["encoder2"]["kernel"].shape == (8 + 3 * 8, 8)
+  inputs, presence = _batch()
   with pytest.raises(ValueError, match=">= 2 modalities"):
-    F.BilinearFusion(modalities=MODS[:1], **SMALL_ENC).init(
-        jax.random.key(0), inputs, presence, train=False)
+    jax.eval_shape(lambda: F.BilinearFusion(modalities=MODS[:1], **SMALL_ENC)
+                   .init(jax.random.key(0), inputs, presence, train=False))
   with pytest.raises(ValueError, match="max_product_dim"):
-    F.BilinearFusion(modalities=MODS, scale_dim=64, **SMALL_ENC).init(
-        jax.random.key(0), inputs, presence, train=False)
+    jax.eval_shape(lambda: F.BilinearFusion(modalities=MODS, scale_dim=64,
+                                            **SMALL_ENC)
+                   .init(jax.random.key(0), inputs, presence, train=False))
 
 
 def test_interface_errors():
   inputs, presence = _batch()
   model = F.MeanFusion(modalities=MODS, **SMALL_ENC)
+  init = lambda m, i, p: jax.eval_shape(
+      lambda: m.init(jax.random.key(0), i, p, train=False))
   bad = dict(inputs)
   del bad["wsi_tile_mask"]
   with pytest.raises(ValueError, match="wsi_tile_mask"):
-    model.init(jax.random.key(0), bad, presence, train=False)
+    init(model, bad, presence)
   with pytest.raises(ValueError, match="presence is missing modality 'rna'"):
-    model.init(jax.random.key(0), inputs,
-               {k: v for k, v in presence.items() if k != "rna"}, train=False)
+    init(model, inputs, {k: v for k, v in presence.items() if k != "rna"})
   with pytest.raises(ValueError, match=r"inputs\['rna'\].*\[batch, features\]"):
-    model.init(jax.random.key(0), dict(inputs, rna=inputs["rna"][..., None]),
-               presence, train=False)
+    init(model, dict(inputs, rna=inputs["rna"][..., None]), presence)
+  with pytest.raises(ValueError, match="batch size 3"):
+    init(model, dict(inputs, clinical=inputs["clinical"][:3]), presence)
   with pytest.raises(ValueError, match="kind must be one of"):
     F.MeanFusion(modalities=(("rna", "image"),))
   with pytest.raises(ValueError, match="unique"):
     F.MeanFusion(modalities=(("rna", "tabular"), ("rna", "bag")))
   with pytest.raises(ValueError, match="spatial_axes names must be bag"):
-    H.HEALNet(modalities=MODS, spatial_axes=(("rna", 2),), **SMALL_HEAL).init(
-        jax.random.key(0), inputs, presence, train=False)
+    init(H.HEALNet(modalities=MODS, spatial_axes=(("rna", 2),), **SMALL_HEAL),
+         inputs, presence)
+  with pytest.raises(ValueError, match="weight_sharing"):
+    init(H.HEALNet(modalities=MODS, weight_sharing="odd", **SMALL_HEAL),
+         inputs, presence)
 
 
 # ------------------------------------------------------------------ HEALNet
 
 
 def _healnet(**kw):
-  return H.HEALNet(**{**dict(modalities=MODS, n_out=4, **SMALL_HEAL), **kw})
+  return H.HEALNet(**{**dict(modalities=MODS, **SMALL_HEAL), **kw})
 
 
 def test_healnet_equals_model_without_the_missing_modality():
   # Patient 0 misses rna; a HEALNet built without rna, sharing every other
   # parameter, must give patient 0 the same output (the skipped step covers
   # cross-attention, feed-forward and the following self-attention).
-  full = _healnet(self_per_cross_attn=1)
-  inputs, presence = _batch()
-  variables = _init(full, inputs, presence)
-  out, _ = _apply(full, variables, inputs, presence)
-  reduced = _healnet(self_per_cross_attn=1, modalities=MODS[1:])
+  full, variables, out, _, _ = _case("healnet")
+  assert full.self_per_cross_attn == 1
+  reduced = H.HEALNet(**{**{f: getattr(full, f) for f in (
+      "depth", "num_latents", "latent_dim", "cross_heads", "cross_dim_head",
+      "latent_heads", "latent_dim_head", "ff_dropout", "attn_dropout")},
+      "modalities": MODS[2:]})
   params = flax.core.unfreeze(variables["params"])
   reduced_params = {k: v for k, v in params.items() if not k.endswith("_rna")}
-  assert set(reduced_params) == set(
-      _init(reduced, inputs, presence)["params"])
-  out_r, _ = _apply(reduced, {"params": reduced_params}, inputs, presence)
-  np.testing.assert_allclose(out_r[0], out[0], rtol=1e-5, atol=1e-6)
-  assert not np.allclose(out_r[3], out[3])  # Patient 3 has rna: it matters.
+  inputs, presence = _batch()
+  shapes = jax.eval_shape(lambda: reduced.init(jax.random.key(0), inputs,
+                                               presence, train=False))
+  assert jax.tree.map(lambda a: a.shape, shapes["params"]) == jax.tree.map(
+      lambda a: a.shape, reduced_params)
+  out_r, _ = _fast_jit(lambda p, i, q: reduced.apply(
+      {"params": p}, i, q, train=False))(reduced_params, inputs, presence)
+  np.testing.assert_allclose(out_r[0], out[0, 0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out_r[3], out[0, 3])  # Patient 3 has rna: it matters.
 
 
 def test_healnet_no_modality_is_head_of_learned_latents():
-  model = _healnet()
-  inputs, presence = _batch()
-  variables = _init(model, inputs, presence)
-  none = {k: jnp.zeros_like(v) for k, v in presence.items()}
-  out, aux = _apply(model, variables, inputs, none)
+  _, variables, out, aux, _ = _case("healnet")
   p = variables["params"]
-  pooled = np.asarray(p["latents"]).mean(0)
+  pooled = np.asarray(p["latents"], np.float64).mean(0)
   ln = (pooled - pooled.mean()) / np.sqrt(pooled.var() + 1e-5)
   ln = ln * np.asarray(p["head_norm"]["scale"]) + np.asarray(
       p["head_norm"]["bias"])
   ref = ln @ np.asarray(p["head"]["kernel"]) + np.asarray(p["head"]["bias"])
-  np.testing.assert_allclose(out, np.broadcast_to(ref, out.shape), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(out[4], np.broadcast_to(ref, out[4].shape),
+                             rtol=1e-5, atol=1e-6)
   for a in aux["attention"].values():
-    np.testing.assert_array_equal(a, 0)
+    np.testing.assert_array_equal(a[4], 0)
 
 
 def test_healnet_attention_weights():
-  model = _healnet()
-  inputs, presence = _batch()
-  variables = _init(model, inputs, presence)
-  _, aux = _apply(model, variables, inputs, presence)
-  att = aux["attention"]
+  _, _, _, aux, _ = _case("healnet")
+  att = {k: v[0] for k, v in aux["attention"].items()}
   assert sorted(att) == [f"layer{i}/{m}" for i in range(2)
-                         for m in ("clinical", "rna", "wsi")]
-  wsi = np.asarray(att["layer1/wsi"])
+                         for m in ("rna", "wsi")]
+  wsi = att["layer1/wsi"]
   assert wsi.shape == (B, 2, 3, N_TILES)  # [batch, heads, latents, tokens]
-  mask = np.asarray(inputs["wsi_tile_mask"])
+  mask = _batch()[0]["wsi_tile_mask"]
   np.testing.assert_array_equal(wsi.transpose(0, 3, 1, 2)[~mask], 0)
   np.testing.assert_allclose(wsi[[0, 2, 3]].sum(-1), 1, rtol=1e-5)
   np.testing.assert_array_equal(wsi[1], 0)  # empty bag = missing
-  rna = np.asarray(att["layer0/rna"])
+  rna = att["layer0/rna"]
   assert rna.shape == (B, 2, 3, 1)  # the whole vector is one token
   np.testing.assert_array_equal(rna[0], 0)
   np.testing.assert_allclose(rna[1:], 1, rtol=1e-6)
+  assert aux["latents"].shape == (N_VARIANTS, B, 3, 8)
 
 
 def test_healnet_weight_sharing_parameter_counts():
   inputs, presence = _batch()
-  count = lambda **kw: _n_params(jax.eval_shape(
-      lambda: _healnet(**kw).init(jax.random.key(0), inputs, presence,
-                                  train=False)))
-  base = count(depth=1)  # latents + head + one layer
-  per_layer = count(depth=2) - base
+  def count(**kw):  # Two tabular modalities keep the traces cheap.
+    shapes = jax.eval_shape(lambda: _healnet(modalities=MODS[:2], **kw).init(
+        jax.random.key(0), inputs, presence, train=False))
+    return _n_params(shapes), shapes["params"]
+  base, _ = count(depth=1)  # latents + head + one layer
+  per_layer = count(depth=2)[0] - base
   assert per_layer > 0
-  for sharing, depth, layers in [("none", 4, 4), ("all", 4, 1),
-                                 ("perceiver", 4, 2), ("perceiver", 1, 1)]:
-    assert count(depth=depth, weight_sharing=sharing) == (
+  for sharing, depth, layers in [("none", 3, 3), ("all", 3, 1),
+                                 ("perceiver", 3, 2), ("perceiver", 1, 1)]:
+    assert count(depth=depth, weight_sharing=sharing)[0] == (
         base + (layers - 1) * per_layer), (sharing, depth)
-  # Sharing is real reuse: the "all" model has a single cross block per
-  # modality and layer 1 gets the same attention maps path as layer 0.
-  shared = _healnet(depth=3, weight_sharing="all")
-  params = _init(shared, inputs, presence)["params"]
-  assert sorted(k for k in params if k.startswith("cross")) == [
-      "cross_0_clinical", "cross_0_rna", "cross_0_wsi"]
+  # "all" (the paper's sharing): one cross block per modality, one self
+  # stack, reused by every layer.
+  _, params = count(depth=3, weight_sharing="all")
+  assert sorted(k for k in params if k.startswith(("cross", "self"))) == [
+      "cross_0_clinical", "cross_0_rna", "self_0_0"]
 
 
 def test_fourier_encode_known_values():
@@ -436,66 +481,86 @@ def test_fourier_encode_known_values():
 
 
 def test_healnet_spatial_positions():
-  model = _healnet(spatial_axes=(("wsi", 2),), depth=1)
+  model = _healnet(spatial_axes=(("wsi", 2),), depth=1, self_per_cross_attn=0,
+                   return_attention="mean")
   inputs, presence = _batch()
   r = np.random.default_rng(5)
   pos = r.uniform(-1, 1, size=(B, N_TILES, 2)).astype(np.float32)
-  variables = _init(model, dict(inputs, wsi_positions=pos), presence)
+  mask = inputs["wsi_tile_mask"]
+  moved = pos.copy()
+  moved[3, :3] = -moved[3, :3]
+  perm = np.array([2, 0, 4, 1, 3])
+  permuted = dict(inputs, wsi=inputs["wsi"][:, perm],
+                  wsi_tile_mask=mask[:, perm])
+  junk = pos.copy()
+  junk[~mask] = np.nan
+  batches = [(dict(inputs, wsi_positions=pos), presence),
+             (dict(inputs, wsi_positions=moved), presence),
+             (dict(permuted, wsi_positions=pos[:, perm]), presence),
+             (dict(inputs, wsi_positions=junk), presence)]
+
+  @_fast_jit
+  def run(inputs, presence):
+    variables = model.init(jax.random.key(0), inputs, presence, train=False)
+    return variables, model.apply(variables, inputs, presence, train=False)
+  variables, (out, aux) = run(*_concat(*batches))
+  out = np.asarray(out).reshape(4, B, -1)
+  # Mean attention over heads and latents: [batch, tiles], a distribution
+  # over the valid tiles of present patients.
+  att = np.asarray(aux["attention"]["layer0/wsi"])[:B]
+  assert att.shape == (B, N_TILES) and sorted(aux["attention"]) == [
+      "layer0/clinical", "layer0/rna", "layer0/wsi"]
+  np.testing.assert_array_equal(att[~mask], 0)
+  np.testing.assert_allclose(att[[0, 2, 3]].sum(1), 1, rtol=1e-5)
   # Context width = tile dim + 2 axes * (2 * 2 bands + 1).
   kv = variables["params"]["cross_0_wsi"]["attn"]["to_kv"]["kernel"]
   assert kv.shape[0] == D_TILE + 2 * 5
-  run = lambda i, p: _apply(model, variables, dict(i, wsi_positions=p),
-                            presence)[0]
-  out = run(inputs, pos)
-  moved = pos.copy()
-  moved[3, :3] = -moved[3, :3]
-  out_moved = run(inputs, moved)
-  assert not np.allclose(out_moved[3], out[3])  # positions are used
-  np.testing.assert_array_equal(out_moved[:3], out[:3])
+  assert not np.allclose(out[1, 3], out[0, 3])  # positions are used
+  np.testing.assert_allclose(out[1, :3], out[0, :3], rtol=1e-6, atol=1e-7)
   # Permuting tiles together with their positions changes nothing; padded
   # tiles' positions are ignored.
-  perm = np.array([2, 0, 4, 1, 3])
-  perm_inputs = dict(inputs, wsi=inputs["wsi"][:, perm],
-                     wsi_tile_mask=inputs["wsi_tile_mask"][:, perm])
-  np.testing.assert_allclose(run(perm_inputs, pos[:, perm]), out, rtol=1e-5,
-                             atol=1e-6)
-  junk = pos.copy()
-  junk[~np.asarray(inputs["wsi_tile_mask"])] = np.nan
-  np.testing.assert_array_equal(run(inputs, junk), out)
+  np.testing.assert_allclose(out[2], out[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[3], out[0], rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="wsi_positions"):
-    model.init(jax.random.key(0), inputs, presence, train=False)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, presence,
+                                      train=False))
 
 
 def test_healnet_token_modes_and_early_fusion():
   inputs, presence = _batch()
-  feat = _healnet(tabular_tokens="features", bag_tokens="channels", depth=1)
-  v = _init(feat, inputs, presence)
-  out, aux = _apply(feat, v, inputs, presence)
+  feat = _healnet(tabular_tokens="features", bag_tokens="channels", depth=1,
+                  self_per_cross_attn=0)
+  shapes = jax.eval_shape(lambda: feat.init(jax.random.key(0), inputs,
+                                            presence, train=False))
+  # Feature tokens: 1 value + 5 Fourier channels of the feature index;
+  # channel tokens: n_tiles values + 5 Fourier channels.
+  p = shapes["params"]
+  assert p["cross_0_rna"]["attn"]["to_kv"]["kernel"].shape[0] == 1 + 5
+  assert p["cross_0_wsi"]["attn"]["to_kv"]["kernel"].shape[0] == N_TILES + 5
+  out, aux = jax.eval_shape(
+      lambda v: feat.apply(v, inputs, presence, train=False), shapes)
   assert out.shape == (B, 4)
   assert aux["attention"]["layer0/rna"].shape == (B, 2, 3, N_RNA)
   assert aux["attention"]["layer0/wsi"].shape == (B, 2, 3, D_TILE)
-  # Feature tokens: 1 value + 5 Fourier channels of the feature index.
-  kv = v["params"]["cross_0_rna"]["attn"]["to_kv"]["kernel"]
-  assert kv.shape[0] == 1 + 5
 
-  early = _healnet(early_fusion=True, depth=1)
-  v = _init(early, inputs, presence)
+  early = _healnet(early_fusion=True, depth=1, self_per_cross_attn=0)
+
+  @_fast_jit
+  def run(inputs, presence):
+    variables = early.init(jax.random.key(0), inputs, presence, train=False)
+    return variables, early.apply(variables, inputs, presence, train=False)
+  v, (out, aux) = run(*_concat(_batch(), _batch(garbage=9)))
   assert sorted(k for k in v["params"] if k.startswith("cross")) == [
       "cross_0_early_fusion", "cross_0_wsi"]
   # One token: rna + clinical features + 2 indicators + 5 Fourier channels.
   kv = v["params"]["cross_0_early_fusion"]["attn"]["to_kv"]["kernel"]
   assert kv.shape[0] == N_RNA + N_CLIN + 2 + 5
-  out, aux = _apply(early, v, inputs, presence)
   np.testing.assert_array_equal(aux["presence"]["early_fusion"], True)
-  g_inputs, g_presence = _batch(garbage=9)
-  np.testing.assert_array_equal(_apply(early, v, g_inputs, g_presence)[0],
-                                out)
+  np.testing.assert_allclose(out[B:], out[:B], rtol=1e-6, atol=1e-7)
 
 
 def test_l1_penalty_matches_numpy():
-  model = _healnet(depth=1)
-  inputs, presence = _batch()
-  params = _init(model, inputs, presence)["params"]
+  params = _case("healnet")[1]["params"]
   leaves = jax.tree_util.tree_leaves_with_path(params)
   ref_all = sum(np.abs(np.asarray(x, np.float64)).sum() for _, x in leaves)
   ref_k = sum(np.abs(np.asarray(x, np.float64)).sum() for p, x in leaves
@@ -514,7 +579,7 @@ def test_healnet_paper_configs_build():
   inputs, presence = _batch()
   for cohort, cfg in H.PAPER_CONFIGS.items():
     cfg = {k: v for k, v in cfg.items() if k != "l1"}
-    shapes = jax.eval_shape(lambda: H.HEALNet(modalities=MODS, **cfg).init(
+    shapes = jax.eval_shape(lambda: H.HEALNet(modalities=MODS[:1], **cfg).init(
         jax.random.key(0), inputs, presence, train=False))
     assert shapes["params"]["latents"].shape == (cfg["num_latents"],
                                                  cfg["latent_dim"]), cohort

@@ -405,10 +405,16 @@ class HEALNet(nn.Module):
       ``inputs[name + "_positions"]`` ``[batch, n_tiles, n_axes]`` (in [-1, 1])
       are Fourier-encoded (``bag_tokens="tiles"`` only).
     early_fusion: concatenate all tabular modalities into one first.
+    return_attention: what ``aux["attention"]`` holds: ``"heads"`` the full
+      maps, ``"mean"`` the mean over heads and latents ``[batch, n_tokens]``
+      (what the paper's Figure 3 averages; much smaller for large bags),
+      ``"none"`` nothing.
 
   ``aux``: ``"presence"`` (per modality ``[batch]`` bool, after early fusion
   if on), ``"attention"`` (``"layer{i}/{m}"`` -> ``[batch, heads,
-  num_latents, n_tokens]``, zero for patients missing ``m``), ``"latents"``
+  num_latents, n_tokens]``, or ``[batch, n_tokens]`` with
+  ``return_attention="mean"``; each latent's row sums to 1 over the valid
+  tokens; zero for patients missing ``m``), ``"latents"``
   (final ``[batch, num_latents, latent_dim]``), ``"pooled"``
   (``[batch, latent_dim]``, the head's input before LayerNorm).
   """
@@ -435,6 +441,7 @@ class HEALNet(nn.Module):
   bag_tokens: str = "tiles"  # "tiles" or "channels" (peer's TCGA code).
   spatial_axes: Sequence = ()  # (bag name, n_axes) with positions input.
   early_fusion: bool = False  # Concatenate tabular modalities first.
+  return_attention: str = "heads"  # "heads", "mean" or "none" (see aux).
 
   def __post_init__(self):
     object.__setattr__(self, "modalities",
@@ -446,7 +453,9 @@ class HEALNet(nn.Module):
     _check_n_out(self.n_out)
     checks = [("weight_sharing", self.weight_sharing, WEIGHT_SHARING),
               ("tabular_tokens", self.tabular_tokens, TABULAR_TOKENS),
-              ("bag_tokens", self.bag_tokens, BAG_TOKENS)]
+              ("bag_tokens", self.bag_tokens, BAG_TOKENS),
+              ("return_attention", self.return_attention,
+               ("heads", "mean", "none"))]
     for field, value, allowed in checks:
       if value not in allowed:
         raise ValueError(f"HEALNet {field} must be one of {allowed}, got "
@@ -578,8 +587,11 @@ class HEALNet(nn.Module):
           y = block(y, train=train)
         p = present[name]
         x = jnp.where(p[:, None, None], y, x)
-        attention[f"layer{i}/{name}"] = jnp.where(p[:, None, None, None],
-                                                  attn, 0.0)
+        if self.return_attention == "mean":
+          attn = jnp.mean(attn, axis=(1, 2))
+        if self.return_attention != "none":
+          attention[f"layer{i}/{name}"] = jnp.where(
+              p.reshape(-1, *(1,) * (attn.ndim - 1)), attn, 0.0)
     pooled = jnp.mean(x, axis=1)
     out = nn.Dense(self.n_out, kernel_init=torch_linear_init,
                    bias_init=nn.initializers.zeros, name="head")(
