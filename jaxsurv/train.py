@@ -239,7 +239,8 @@ def load_cohort(config):
   is_manifest = str(cohort).endswith(".csv")
   prepared = prepare.prepare_cohort(cohort, spec=spec if is_manifest else None, preprocess=pre,
                                     n_patients=config.data.get("n_patients"),
-                                    seed=config.data.cohort_seed)
+                                    seed=config.data.cohort_seed,
+                                    workers=config.data.get("prepare_workers", 1))
   if "image" in config.model.modalities and prepared.images is None:
     raise ValueError(f"model.modalities includes 'image' but cohort {cohort!r} has no images")
   return prepared
@@ -589,6 +590,7 @@ def report(trainer: Trainer, state: TrainState, config, workdir: pathlib.Path, h
   # Plots.
   evaluate.plot_training_curves(workdir / "training_curves.png", history)
   if len(trainer.heads) > 1 and blender.history:
+    blender.to_csv(workdir / "blend_weights.csv")
     blending.plot_history(blender.history, workdir / "blend_weights.png")
   for j, o in enumerate(config.data.outcomes):
     if o not in baselines:

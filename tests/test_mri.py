@@ -339,7 +339,7 @@ def test_config_checks_and_fingerprint():
   other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""},
                          cwd=pathlib.Path(__file__).resolve().parents[1]).stdout.strip()
-  assert other == mri.PreprocessConfig().fingerprint() == "ff159289e1c76013"
+  assert other == mri.PreprocessConfig().fingerprint() == "7f853693939e6505"
   for bad in ({"grid": (64, 64)}, {"spacing_mm": 0}, {"margin_mm": -1}, {"interpolation": "cubic"},
               {"orientation": "LLS"}, {"fov_mm": (10, 0, 10)}):
     with pytest.raises(ValueError, match="PreprocessConfig"):
@@ -403,3 +403,19 @@ def test_tiny_tumour_zscore_uses_the_isotropic_stage(tmp_path):
   case = mri.preprocess_case([tmp_path / "t.nii.gz"], tmp_path / "m.nii.gz", cfg)
   assert (case.mask > 0).sum() < 27
   assert np.all(np.isfinite(case.volume)) and case.channel_std[0] > 0
+
+
+def test_sub_voxel_tumour_keeps_a_mask(tmp_path):
+  """A tumour smaller than one grid voxel keeps the voxel it covers most."""
+  shape = (40, 40, 12)
+  aff = np.diag([2.0, 2.0, 6.0, 1.0])
+  rng = np.random.default_rng(1)
+  img = 100 + 10 * rng.normal(size=shape)
+  mask = np.zeros(shape, np.uint8)
+  mask[21, 21, 6] = 1  # One 2 x 2 x 6 mm voxel on an 8 mm grid.
+  nib.save(nib.Nifti1Image(img.astype(np.float32), aff), tmp_path / "t.nii.gz")
+  nib.save(nib.Nifti1Image(mask, aff), tmp_path / "m.nii.gz")
+  cfg = mri.PreprocessConfig(spacing_mm=2.0, grid=(12, 12, 12), fov_mm=96.0)
+  case = mri.preprocess_case([tmp_path / "t.nii.gz"], tmp_path / "m.nii.gz", cfg)
+  assert 1 <= (case.mask > 0).sum() <= 8
+  assert np.all(np.isfinite(case.volume))

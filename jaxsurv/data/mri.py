@@ -61,7 +61,7 @@ PathLike = str | os.PathLike
 
 # Bump when a code change alters preprocessing output for unchanged settings,
 # so that fingerprints (and the prepared datasets they version) change too.
-_PIPELINE_VERSION = 2  # 2: z-score of tiny tumours from the isotropic stage.
+_PIPELINE_VERSION = 3  # 2: tiny tumours' z-score from the isotropic stage; 3: sub-voxel masks.
 
 _INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,
@@ -771,6 +771,16 @@ def preprocess_case(image_paths: Sequence[PathLike] | PathLike, mask_path: PathL
   grid_mask = _resample(iso_mask, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
   mask_arr = sitk.GetArrayFromImage(grid_mask).astype(np.uint8)
   inside = mask_arr > 0
+  if not inside.any():
+    # A tumour smaller than one grid voxel misses every voxel centre under
+    # nearest-neighbour: keep the voxels it covers most (partial volume).
+    soft = sitk.Cast(iso_mask, sitk.sitkFloat32)
+    if np.any(variance > 0):  # Spread over the grid voxel's footprint first.
+      soft = sitk.DiscreteGaussian(soft, variance.tolist(), 32, 0.01, True)
+    frac = sitk.GetArrayFromImage(_resample(soft, grid, sitk.sitkLinear, 0))
+    if frac.max() > 0:
+      inside = frac >= 0.5 * frac.max()
+      mask_arr = inside.astype(np.uint8)
   if not inside.any():
     raise EmptyMaskError(f"{mask_path}: tumour mask vanishes on the {cfg.grid} grid")
 
