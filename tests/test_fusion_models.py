@@ -72,7 +72,8 @@ def _batch(seed=0, garbage=None):
 def _concat(*batches):
   """Concatenates ``(inputs, presence)`` pairs along the batch axis: the
   models are row-independent, so one compiled call checks many variants."""
-  inputs = {k: np.concatenate([b[0][k] for b in batches]) for k in batches[0][0]}
+  inputs = {k: np.concatenate([b[0][k] for b in batches])
+            for k in batches[0][0]}
   presence = {k: np.concatenate([b[1][k] for b in batches])
               for k in batches[0][1]}
   return inputs, presence

@@ -29,8 +29,10 @@ gradients), then each model removes the modality's contribution in its own
 documented way.
 
 Models:
-  * ``CMMMF``: cross-modality attention fusion (Deng et al., SPIE 2024; the
-    CM-MMF paper), built on ``CrossModalAttentionFusion``.
+  * ``CMMMF``: cross-modality attention fusion (Deng, Shaikh, Shannon & Nie,
+    "Cross-modality Attention-based Multimodal Fusion for Non-small Cell
+    Lung Cancer (NSCLC) Patient Survival Prediction"), built on
+    ``CrossModalAttentionFusion``.
   * ``ConcatFusion``, ``MeanFusion``, ``BilinearFusion``: baselines.
   * ``PorpoiseGatedLateFusion``: PORPOISE's MMF (Chen et al., Cancer Cell 2022;
     PEERS.md §3.3).
@@ -76,7 +78,8 @@ def normalize_modalities(modalities) -> tuple[tuple[str, str], ...]:
   out = []
   for pair in modalities:
     if isinstance(pair, (str, bytes)) or len(pair) != 2:
-      raise ValueError(f"each modality must be a (name, kind) pair, got {pair!r}")
+      raise ValueError(
+          f"each modality must be a (name, kind) pair, got {pair!r}")
     name, kind = pair
     if not isinstance(name, str) or not name or "/" in name:
       raise ValueError(f"modality name must be a non-empty string without '/', "
@@ -334,7 +337,8 @@ class GatedKroneckerFusion(nn.Module):
 
   PEERS.md §3.3: per modality i, ``h_i = ReLU(Dense(s)(v_i))``; with gating
   ``z_i = Dense(s)([v_1; ...; v_M])`` and ``o_i = Dropout(ReLU(Dense(s)(
-  sigmoid(z_i) * h_i)))``, without gating ``o_i = Dropout(ReLU(Dense(s)(h_i)))``.
+  sigmoid(z_i) * h_i)))``, without gating
+  ``o_i = Dropout(ReLU(Dense(s)(h_i)))``.
   Each ``o_i`` gets a constant 1 appended and the outer product over all
   modalities is flattened (``(s+1)^M``; 33 x 33 = 1089 for PORPOISE) ->
   Dropout -> ``Dense(mmhid) -> ReLU``; with ``skip``,
@@ -476,7 +480,8 @@ class CMMMF(_FusionBase):
   """CM-MMF: AMIL (WSI) + SNN (RNA, clinical) + cross-modality attention.
 
   Deng, Shaikh, Shannon & Nie, "Cross-modality Attention-based Multimodal
-  Fusion for NSCLC Patient Survival Prediction" (SPIE 2024):
+  Fusion for Non-small Cell Lung Cancer (NSCLC) Patient Survival
+  Prediction" (section numbers below refer to that paper):
 
   * unimodal embeddings (§2.1): AttentionMIL with rho to 128 for bags, SNN to
     128 for tabular modalities (PEERS.md §3.10);
@@ -528,7 +533,7 @@ class CMMMF(_FusionBase):
     if self.embedding_norm == "minmax":
       lo = jnp.min(f, axis=-1, keepdims=True)
       hi = jnp.max(f, axis=-1, keepdims=True)
-      # eps keeps a constant (e.g. all-zero ReLU) embedding finite: it maps to 0.
+      # eps keeps a constant (e.g. all-zero ReLU) embedding finite (-> 0).
       f = (f - lo) / (hi - lo + 1e-6)
       f = jnp.where(p[..., None], f, 0.0)
     fused, weights = CrossModalAttentionFusion(

@@ -1,12 +1,14 @@
 """HEALNet: hybrid early-fusion attention network, Flax Linen.
 
-Hemker, Simidjievski & Jamnik, "HEALNet: Multimodal Fusion for Heterogeneous
-Biomedical Data", NeurIPS 2024 (Algorithms 1-2, eqs. 1-3), re-implemented
+Hemker, Simidjievski & Jamnik, "HEALNet - Hybrid Multi-Modal Fusion for
+Heterogeneous Biomedical Data", NeurIPS 2024 (Algorithms 1-2, eqs. 1-3),
+re-implemented
 from the paper and the behaviour of konst-int-i/healnet v0.1.0 as recorded in
 PEERS.md §4 (no peer code copied).
 
 A learned latent array ``S`` ``[num_latents, latent_dim]`` (standard normal
-init, §4.2) is broadcast over the batch and updated once per layer and
+init as the peer code, §4.2; the paper's Algorithm 1 says U(0, 1)) is
+broadcast over the batch and updated once per layer and
 modality (§4.4)::
 
   for layer in range(depth):
@@ -472,7 +474,8 @@ class HEALNet(nn.Module):
     kinds = dict(self.modalities)
     for pair in self.spatial_axes:
       if len(pair) != 2:
-        raise ValueError(f"spatial_axes entries are (name, n_axes), got {pair!r}")
+        raise ValueError(
+            f"spatial_axes entries are (name, n_axes), got {pair!r}")
       name, n_axes = pair
       if kinds.get(name) != "bag":
         raise ValueError(f"spatial_axes names must be bag modalities, got "

@@ -1,4 +1,4 @@
-"""Gated attention multiple-instance learning (AMIL) over padded bags, Flax Linen.
+"""Gated attention multiple-instance learning (AMIL) on padded bags, Flax.
 
 Ilse, Tomczak & Welling, "Attention-based Deep Multiple Instance Learning",
 ICML 2018, eq. 9 (gated attention): for instance embeddings ``h_k``::
@@ -56,7 +56,7 @@ def masked_softmax(scores, mask, axis: int = -1):
 
 
 class GatedAttention(nn.Module):
-  """Attention scores ``[batch, n_tiles]`` for instances ``[batch, n_tiles, L]``.
+  """Attention logits ``[batch, n_tiles]`` of instances ``[batch, n_tiles, L]``.
 
   Gated (Ilse et al. 2018 eq. 9; PORPOISE ``Attn_Net_Gated``):
   ``w^T (Dropout(tanh(V h)) * Dropout(sigmoid(U h)))``; non-gated
@@ -144,7 +144,8 @@ class AttentionMIL(nn.Module):
       raise ValueError("AttentionMIL expects x of shape [batch, n_tiles, dim], "
                        f"got shape {tuple(x.shape)}")
     if tuple(mask.shape) != tuple(x.shape[:2]):
-      raise ValueError(f"AttentionMIL mask must have shape {tuple(x.shape[:2])} "
+      raise ValueError("AttentionMIL mask must have shape "
+                       f"{tuple(x.shape[:2])} "
                        f"([batch, n_tiles]), got {tuple(mask.shape)}")
     mask = mask.astype(bool)
     # Zero padded tiles so that garbage (even NaN/inf) never enters the graph;
