@@ -25,8 +25,12 @@ def main(argv):
   # keep their warnings and jaxsurv's own progress messages.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("jaxsurv").setLevel(logging.INFO)
-  from jaxsurv import train
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  import importlib
+  config = _CONFIG.value
+  # config.trainer names the module whose train_and_evaluate runs the job:
+  # "train" (MMNN, the default) or "fusion_train" (HEALNet, CM-MMF, ...).
+  trainer = importlib.import_module(f"jaxsurv.{config.get('trainer', 'train')}")
+  results = trainer.train_and_evaluate(config, _WORKDIR.value)
   logging.info("results: %s", {k: v for k, v in results.items() if k in ("val", "test")})
 
 
