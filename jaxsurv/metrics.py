@@ -218,30 +218,96 @@ def _gallop_count(pred: Callable[[Array], Array], hint: Array, upward: bool, n: 
   return lo
 
 
-def _time_order(duration: Array, censored: Array):
-  """Stable order by (time ascending, events first): ``(perm, time_rank, censored)`` sorted.
+def _group_bounds(same_as_prev: Array):
+  """``(start, end)`` of runs in a sorted array, per position, given ``a[k] == a[k-1]`` for k >= 1."""
+  n = same_as_prev.shape[0] + 1
+  iota = lax.iota(jnp.int32, n)
+  new = jnp.concatenate([jnp.ones((1,), bool), ~same_as_prev])
+  last = jnp.concatenate([~same_as_prev, jnp.ones((1,), bool)])
+  start = lax.cummax(jnp.where(new, iota, 0))
+  end = lax.cummin(jnp.where(last, iota + 1, n), reverse=True)
+  return start, end
 
-  ``time_rank`` is a key that is equal exactly for equal times. With x64 the
-  three keys (time rank, censored flag, original index) are packed into one
-  int64 and sorted as a single integer array; without x64 (no int64) a
-  3-operand sort is used, which is slower on CPU but exact.
+
+def _time_order(duration: Array, censored: Array):
+  """Stable order by (time ascending, events first): ``(perm, time_key, censored)`` sorted.
+
+  ``time_key`` is equal exactly for equal times. The fast path (x64 only)
+  packs the time key's high bits, the censored flag and the original index
+  into one int64 and sorts that single array. It is exact unless two distinct
+  times agree in those high bits (relative gap below ~1e-9, never for day or
+  month counts); then the result is detected as unsorted and the exact path
+  runs instead: dense ranks (a sort plus a binary search) packed the same way.
+  Without x64 (no int64) a 3-operand sort is used, slower on CPU but exact.
   """
   n = duration.shape[0]
   iota = lax.iota(jnp.int32, n)
   key = _sortable_int(duration)
-  if key.dtype == jnp.int64 and n < 2**30:
-    # Dense time ranks first (a sort of the keys plus a binary search), so that
-    # rank, flag and index fit together in 63 bits.
+  if key.dtype != jnp.int64 or n >= 2**30:
+    ks, cens, perm = lax.sort((key, censored.astype(jnp.int32), iota), num_keys=2)
+    return perm, ks, cens.astype(bool)
+  ib = _nbits(n - 1)
+  low = (1 << ib) - 1
+  cens64 = censored.astype(jnp.int64)
+
+  def unpack(packed):
+    perm = (packed & low).astype(jnp.int32)
+    return perm, ((packed >> ib) & 1).astype(bool)
+
+  # Fast path: arithmetic shifts keep the order of the (signed) keys.
+  perm, cens = unpack(lax.sort((((key >> (ib + 1)) << 1 | cens64) << ib) | iota))
+  ks = key[perm]
+
+  def exact(_):
     skey = lax.sort(key)
-    rank = _count_where(lambda m: skey[m] < key, n, n)
-    ib = _nbits(n - 1)
-    packed = (((rank.astype(jnp.int64) << 1) | censored.astype(jnp.int64)) << ib) | iota
-    packed = lax.sort(packed)
-    perm = (packed & ((1 << ib) - 1)).astype(jnp.int32)
-    cens = ((packed >> ib) & 1).astype(bool)
-    return perm, (packed >> (ib + 1)).astype(jnp.int32), cens
-  ks, cens, perm = lax.sort((key, censored.astype(jnp.int32), iota), num_keys=2)
-  return perm, ks, cens.astype(bool)
+    rank = _count_where(lambda m: skey[m] < key, n, n).astype(jnp.int64)
+    perm, cens = unpack(lax.sort((((rank << 1) | cens64) << ib) | iota))
+    return perm, key[perm], cens
+
+  ok = jnp.all(ks[1:] >= ks[:-1])
+  return lax.cond(ok, lambda _: (perm, ks, cens), exact, None)
+
+
+def _risk_values(risk: Array, perm_t: Array):
+  """Sorted risks and, per time position, the number of strictly smaller risks.
+
+  Returns ``(rs [n] sorted risks, value_t [n] int32)``. With x64 this avoids a
+  binary search per patient (random memory access, the slowest step at 10^6):
+  one sort of the exact keys, plus one sort of (key high bits, index) packed
+  in an int64, which orders patients exactly except inside groups sharing the
+  high bits; a patient's value is its group's start in the exact order, plus
+  (only in groups holding several distinct risks, which are rare) a short
+  bisection inside the group.
+  """
+  n = risk.shape[0]
+  rkey = _sortable_int(risk)
+  skey = lax.sort(rkey)
+  rs = _from_sortable_int(skey, risk.dtype)
+  if rkey.dtype != jnp.int64 or n >= 2**30:
+    akey = rkey[perm_t]
+    return rs, _count_where(lambda m: skey[m] < akey, n, n)
+  iota = lax.iota(jnp.int32, n)
+  ib = _nbits(n - 1)
+  packed = lax.sort(((rkey >> ib) << ib) | iota)
+  perm_a = (packed & ((1 << ib) - 1)).astype(jnp.int32)
+  high = packed >> ib
+  start, end = _group_bounds(high[1:] == high[:-1])
+  # The high bits order groups exactly, so group k occupies positions
+  # [start, end) of the exact sort too, and skey[start] is its smallest key.
+  akey = rkey[perm_a]
+  lo = jnp.where(skey[start] == akey, start, start + 1)
+  hi = jnp.where(skey[start] == akey, start, end)
+
+  def bisect(state):
+    lo, hi = state
+    active = lo < hi
+    mid = (lo + hi) // 2
+    p = (skey[jnp.clip(mid, 0, n - 1)] < akey) & active
+    return jnp.where(p, mid + 1, lo), jnp.where(active & ~p, mid, hi)
+
+  value, _ = lax.while_loop(lambda s: jnp.any(s[0] < s[1]), bisect, (lo, hi))
+  value = jnp.zeros((n,), jnp.int32).at[perm_a].set(value, unique_indices=True)
+  return rs, value[perm_t]
 
 
 class _Structure(NamedTuple):
@@ -276,7 +342,6 @@ def _structure(duration: Array, event: Array, risk: Array,
     tied_tol: risks within this absolute distance count as tied.
   """
   n = duration.shape[0]
-  iota = lax.iota(jnp.int32, n)
   ev = event.astype(bool)
   if mask is not None:
     mask = mask.astype(bool)
@@ -289,13 +354,9 @@ def _structure(duration: Array, event: Array, risk: Array,
 
   # Time order: ascending time, events before censored at a tied time, so that
   # the comparable partners of an event form a suffix of this order.
-  perm_t, trank, cens_t = _time_order(duration, ~ev)
+  perm_t, tkey, cens_t = _time_order(duration, ~ev)
   event_t = ~cens_t
-  new_time = trank[1:] != trank[:-1]
-  is_start = jnp.concatenate([jnp.ones((1,), bool), new_time])
-  is_end = jnp.concatenate([new_time, jnp.ones((1,), bool)])
-  gstart = lax.cummax(jnp.where(is_start, iota, 0))
-  gend = lax.cummin(jnp.where(is_end, iota + 1, n), reverse=True)
+  gstart, gend = _group_bounds(tkey[1:] == tkey[:-1])
   ev_before = _exclusive_cumsum(event_t.astype(jnp.int32))
   # Events come first in a time group, so the first partner of an event is the
   # group start plus the number of events in the group.
@@ -304,11 +365,7 @@ def _structure(duration: Array, event: Array, risk: Array,
   # Sorted risks (no permutation needed: the wavelet matrix accepts tied
   # values, and a patient's "rank" is the number of strictly smaller risks).
   if risk_lo is None:
-    rkey = _sortable_int(risk)
-    skey = lax.sort(rkey)
-    rs = _from_sortable_int(skey, risk.dtype)
-    akey = rkey[perm_t]
-    value_t = _count_where(lambda m: skey[m] < akey, n, n)
+    rs, value_t = _risk_values(risk, perm_t)
     same = rs[1:] == rs[:-1]
     diff = lambda m: rs[m] - rs
   else:
@@ -318,9 +375,7 @@ def _structure(duration: Array, event: Array, risk: Array,
     same = (rs[1:] == rs[:-1]) & (rs_lo[1:] == rs_lo[:-1])
     diff = lambda m: (rs[m] - rs) + (rs_lo[m] - rs_lo)
   # Runs of exactly equal risks in sorted order.
-  run_start = lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), ~same]), iota, 0))
-  run_end = lax.cummin(jnp.where(jnp.concatenate([~same, jnp.ones((1,), bool)]), iota + 1, n),
-                       reverse=True)
+  run_start, run_end = _group_bounds(same)
   tol = jnp.asarray(tied_tol, rs.dtype)
   # For the risk a = rs[k], d_m = fl(rs[m] - a) is monotone in m. sksurv calls
   # (i, j) tied iff |d| <= tol and concordant iff est_j < est_i and not tied,
@@ -419,7 +474,7 @@ def _dense_patient_counts(duration, event, risk, risk_lo, mask, tied_tol) -> Arr
   """The same ``[4, n]`` int32 per-patient counts by brute force over all n^2 pairs.
 
   No sort and no loop, so it compiles in a fraction of the tree core's time
-  and is faster for small n (it is the default up to 2048 patients). Memory
+  and is as fast for small n (the default up to 256 patients). Memory
   stays O(n) per row block because XLA fuses the pair tests into the sums.
   """
   ev = event.astype(bool)
@@ -568,7 +623,7 @@ def _device_inputs(d: np.ndarray, e: np.ndarray, r: np.ndarray):
   return pad(t_rank.reshape(-1), np.int32), pad(e, bool), pad(r_hi, np.float32), lo, mask
 
 
-_DENSE_COUNTS_MAX = 2048
+_DENSE_COUNTS_MAX = 256
 
 
 def _per_patient(d, e, r, tol, method: str = "auto") -> np.ndarray:
@@ -618,7 +673,7 @@ def concordance_counts(duration, event, risk, *, tied_tol: float = 1e-8,
     risk: ``[n]`` risk scores, higher = higher hazard = earlier event.
     tied_tol: absolute tolerance for tied risks (sksurv's default 1e-8).
     method: "tree" (O(n log n)), "dense" (O(n^2) pairs) or "auto" (dense up
-      to 2048 patients after padding, else tree). Results are identical.
+      to 256 patients after padding, else tree). Results are identical.
 
   Returns:
     ``ConcordanceCounts(cindex, concordant, discordant, tied_risk, tied_time)``.

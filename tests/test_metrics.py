@@ -181,6 +181,22 @@ def test_float32_mode_keeps_float64_order():
       assert tuple(metrics.concordance_counts(duration, event, risk, method=method)) == ref
 
 
+def test_ulp_close_times_and_risks_take_the_exact_paths():
+  # In x64 the tree core sorts (high bits of the key, index) packed in int64;
+  # values one ulp apart share those bits, which sends times through the
+  # exact fallback sort and risks through the in-group bisection.
+  one_up = np.nextafter(1.0, 2.0)
+  rng = np.random.default_rng(9)
+  duration = rng.choice([one_up, 1.0, 2.0, np.nextafter(2.0, 3.0)], 60)
+  event = rng.random(60) < 0.6
+  risk = rng.choice([0.5, np.nextafter(0.5, 1.0), np.nextafter(0.5, 0.0), 0.7], 60)
+  with jax.enable_x64(True):
+    for tol in [0.0, 1e-8]:
+      got = metrics.concordance_counts(duration, event, risk, tied_tol=tol, method="tree")
+      assert tuple(got) == brute_force(duration, event, risk, tol)
+      assert tuple(got) == sksurv_tuple(duration, event, risk, tol)
+
+
 def test_harrell_c_is_jittable_and_honours_mask(x64):
   rng = np.random.default_rng(5)
   duration, event, risk = _random_case(rng, 50, "rounded")
