@@ -321,9 +321,29 @@ def render(info, command, c_rows, cox_rows, boot, notes) -> str:
             f"{fmt(boot['loop_total'])} for B = {boot['B']} "
             f"({boot['loop_total'] / boot['jax']:.0f}x). Replicates agree with sksurv to "
             f"{boot['diff']:.1e}; bootstrap SD = {boot['sd']:.4f}.", ""]
+  out += ["Targets (2 CPU cores):", ""] + [f"* {t}" for t in targets(c_rows, cox_rows)] + [""]
   if notes:
     out += ["Notes:", ""] + [f"* {n}" for n in notes] + [""]
   return "\n".join(out)
+
+
+def targets(c_rows, cox_rows):
+  """The issue's speed targets, each marked met or missed from this run's numbers."""
+  out = []
+  by_n = {r["n"]: r for r in c_rows}
+  if 100_000 in by_n and by_n[100_000].get("lifelines"):
+    ratio = by_n[100_000]["lifelines"] / by_n[100_000]["jax"]
+    out.append(f"C-index >= 10x faster than lifelines at n = 1e5: {ratio:.0f}x "
+               f"({'met' if ratio >= 10 else 'MISSED'}).")
+  if 1_000_000 in by_n:
+    t = by_n[1_000_000]["jax"]
+    out.append(f"C-index at n = 1e6 under 3 s: {fmt(t)} ({'met' if t < 3 else 'MISSED'}).")
+  for r in cox_rows:
+    if r["n"] == 1_000_000:
+      for ties in ["breslow", "efron"]:
+        out.append(f"Cox loss + gradient ({ties}) at n = 1e6 under 1 s: {fmt(r[ties])} "
+                   f"({'met' if r[ties] < 1 else 'MISSED'}).")
+  return out or ["(no target sizes in this run)"]
 
 
 def _torch_threads():
