@@ -1,0 +1,654 @@
+"""MMNN train-step benchmark: jaxsurv's jitted step vs a PyTorch reference, same machine.
+
+For each setting (config x grid x batch x augmentation x dtype) this measures
+
+* jaxsurv: ``jaxsurv.train.train_step`` built exactly as ``Trainer`` builds it
+  (``build_model``, ``make_optimizer``, ``head_names``, ``jax.jit`` with
+  ``donate_argnums=(0,)``, the batch sharded over a ``("data",)`` mesh with
+  ``NamedSharding``, the state replicated). Trace+lower and compile are timed
+  separately (``jit(...).lower(...)``, ``.compile()``), the persistent
+  compilation cache is off (unless ``--compile-cache DIR``), then the
+  compiled step runs ``--warmup`` untimed and ``--steps`` timed steps, each
+  ended by ``jax.block_until_ready``, on 3 device-resident random batches
+  taken in turn (normal images and clinical values, exponential durations
+  in days, ~40% events);
+* the PyTorch reference (``benchmarks/torch_reference.py``): the same
+  network, loss, blending, augmentation and optimiser (SGD + Nesterov for the
+  paper config, AdamW for ``local``, gradient accumulation as configured),
+  eager mode, NCDHW layout unless ``--torch-channels-last``, timed the same
+  way (``torch.cuda.synchronize`` on GPU);
+
+and reports compile time, median step time, samples/s, peak memory (GPU:
+``memory_stats()['peak_bytes_in_use']`` / ``torch.cuda.max_memory_allocated``;
+CPU: the process's peak RSS, plus XLA's temp buffer size from
+``compiled.memory_analysis()``), the device kind, a parameters string and
+the jaxsurv/torch step-time ratio (> 1: jaxsurv slower). Every measurement
+runs in its own subprocess, so peak memory belongs to one setting and one
+framework. Parameter counts of the two implementations are checked equal.
+
+It also measures the in-memory input rate at the local config (numpy fancy
+indexing of a ``[n, 24, 24, 24, 2]`` float32 cohort by random batch indices
+plus ``jax.device_put`` with the data sharding, as ``Trainer.batch`` does)
+and compares it, and the "Input pipeline" section of RESULTS.md, with the
+local train step's samples/s (the pipeline should deliver >= 5x).
+
+Settings: ``--config local`` (configs/mmnn.py:local, 24^3, tiny DenseNet,
+batch 32) and ``--config paper`` (DenseNet-121; default 32^3 batch 2 on CPU,
+128^3 and the configured batch 8 on GPU), each with and without augmentation.
+
+Commands::
+
+  # CPU, all defaults: ~14 CPU-minutes, mostly the two cold DenseNet-121
+  # compiles (1-2 min each on idle cores); 25 min wall at load average 7:
+  python benchmarks/train_step_benchmark.py --write-results
+  # GPU host (jax 0.11 / Python 3.12 work unchanged): smoke test first,
+  python benchmarks/train_step_benchmark.py --device-check
+  # then the paper model at full size, fp32 and bf16:
+  python benchmarks/train_step_benchmark.py --config paper --grid 128 --batch 8 \\
+      --dtype float32 bfloat16 --warmup 10 --steps 50
+
+Output: one JSON line per setting (prefixed ``RESULT``) and a Markdown table.
+``--write-results`` replaces the "Train step" section of
+``benchmarks/RESULTS.md`` and leaves the other sections alone.
+Extras: ``pip install -r benchmarks/requirements.txt`` (PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
+
+SECTION = "Train step"
+N_CLINICAL = 11  # MMNN's clinical input width (standardised, imputed variables).
+RESULT_TAG = "RESULT "
+
+
+# ----------------------------------------------------------------------------
+# Shared helpers (no jax/torch import: the parent process never touches a device).
+# ----------------------------------------------------------------------------
+
+
+def _peak_rss_mib() -> float:
+  """Peak resident set size of this process in MiB (Linux ``ru_maxrss`` is KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+def _stats(times: list[float]) -> dict:
+  return {"step_s_median": statistics.median(times), "step_s_min": min(times),
+          "step_s_max": max(times), "timed_steps": len(times)}
+
+
+def _random_batch_np(seed: int, batch: int, grid: int, n_outcomes: int = 2) -> dict:
+  """One synthetic batch: normal images/clinical, realistic survival outcomes.
+
+  ``image [batch, grid, grid, grid, 2]`` float32 (z-scored MRI-like),
+  ``clinical [batch, 11]``, ``duration [batch, outcomes]`` days
+  (exponential, mean 5 years, at least 1 day), ``event`` ~ Bernoulli(0.4)
+  (at least one event per outcome, so the Cox loss is never trivially 0).
+  """
+  rng = np.random.default_rng(seed)
+  event = (rng.random((batch, n_outcomes)) < 0.4).astype(np.int32)
+  event[0] = 1
+  return {
+      "image": rng.standard_normal((batch, grid, grid, grid, 2), dtype=np.float32),
+      "clinical": rng.standard_normal((batch, N_CLINICAL), dtype=np.float32),
+      "duration": (1.0 + rng.exponential(5 * 365.25, (batch, n_outcomes))).astype(np.float32),
+      "event": event,
+      "outcome_mask": np.ones((batch, n_outcomes), bool),
+      "mask": np.ones((batch,), bool),
+  }
+
+
+def _load_config(name: str, grid: int | None, batch: int | None, augment: bool, dtype: str):
+  """configs/mmnn.py (``local`` or the paper default) with benchmark overrides."""
+  from configs import mmnn
+  config = mmnn.get_config("local" if name == "local" else None)
+  if grid is not None:
+    config.data.preprocess.grid = (grid, grid, grid)
+  if batch is not None:
+    config.batch_size = batch
+  config.augment.enabled = augment
+  config.dtype = dtype
+  return config
+
+
+def _param_string(config) -> str:
+  im, cl = config.model.image, config.model.clinical
+  return (f"DenseNet3D(init={im.init_features}, growth={im.growth_rate}, "
+          f"blocks={tuple(im.block_config)}, bn_size={im.bn_size}, drop={im.dropout_rate}) + "
+          f"ClinicalMLP({N_CLINICAL}->{'-'.join(map(str, cl.hidden_sizes))}->{cl.features}), "
+          f"concat, 3 heads x {len(config.data.outcomes)} outcomes; "
+          f"{config.optimizer.name}, accum {config.grad_accum_steps}")
+
+
+# ----------------------------------------------------------------------------
+# Workers (each runs in its own process).
+# ----------------------------------------------------------------------------
+
+
+def _jax_setup(spec: dict):
+  import jax
+  if spec.get("compile_cache"):
+    jax.config.update("jax_compilation_cache_dir", spec["compile_cache"])
+  else:
+    try:  # Time real compilation, never a persistent-cache hit.
+      jax.config.update("jax_enable_compilation_cache", False)
+    except (AttributeError, KeyError, ValueError):
+      pass
+  return jax
+
+
+def _resolve_defaults(spec: dict, backend: str) -> dict:
+  """Fills grid/batch left as None: the config's own, or 32^3 batch 2 for paper on CPU."""
+  spec = dict(spec)
+  if spec["config"] == "paper" and backend == "cpu":
+    spec["grid"] = spec["grid"] or 32
+    spec["batch"] = spec["batch"] or 2
+  config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
+                        spec["dtype"])
+  spec["grid"] = config.data.preprocess.grid[0]
+  spec["batch"] = config.batch_size
+  return spec
+
+
+def jax_worker(spec: dict) -> dict:
+  """Compiles and times jaxsurv's train step for one setting."""
+  jax = _jax_setup(spec)
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jaxsurv import train
+
+  spec = _resolve_defaults(spec, jax.default_backend())
+  config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
+                        spec["dtype"])
+  n_dev = len(jax.devices())
+  if config.batch_size % n_dev:
+    raise ValueError(f"batch {config.batch_size} must be divisible by the {n_dev} devices")
+
+  # As Trainer.__init__ / Trainer.init_state.
+  model = train.build_model(config)
+  heads = train.head_names(config)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  tx, _ = train.make_optimizer(config, steps_per_epoch=100)
+  aug = config.augment
+  augment_cfg = (dict(flip_prob=aug.flip_prob, max_rotation_deg=aug.max_rotation_deg,
+                      zoom_range=tuple(aug.zoom_range)) if aug.enabled else None)
+  step = functools.partial(train.train_step, model=model, tx=tx, heads=heads,
+                           ties=config.loss.ties, augment_cfg=augment_cfg)
+  jitted = jax.jit(step, donate_argnums=(0,))
+
+  rng_init, rng_loop = jax.random.split(jax.random.key(config.seed))
+  g = spec["grid"]
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      rng_init, jnp.zeros((1, g, g, g, 2), jnp.float32), jnp.zeros((1, N_CLINICAL), jnp.float32))
+  params = variables["params"]
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           batch_stats=variables.get("batch_stats", {}),
+                           opt_state=tx.init(params))
+  state = jax.device_put(state, repl)
+  n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+  batches = [jax.device_put(_random_batch_np(s, config.batch_size, g), data_sh)
+             for s in range(3)]
+  weights = jnp.full((len(heads),), 1.0 / len(heads), jnp.float32)
+  jax.block_until_ready((state, batches))
+
+  t0 = time.perf_counter()
+  lowered = jitted.lower(state, batches[0], rng_loop, weights)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+
+  def run(i):
+    nonlocal state
+    state, meas = compiled(state, batches[i % 3], rng_loop, weights)
+    jax.block_until_ready((state, meas))
+    return meas
+
+  for i in range(spec["warmup"]):
+    run(i)
+  times = []
+  for i in range(spec["steps"]):
+    s = time.perf_counter()
+    meas = run(spec["warmup"] + i)
+    times.append(time.perf_counter() - s)
+  loss = float(meas["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"jaxsurv train step gave a non-finite loss {loss} for {spec}")
+
+  dev = jax.devices()[0]
+  out = {"framework": "jaxsurv", "spec": spec, "backend": jax.default_backend(),
+         "device_kind": dev.device_kind, "n_devices": n_dev, "n_params": n_params,
+         "params": _param_string(config), "lower_s": t1 - t0, "compile_s": t2 - t1,
+         **_stats(times), "last_loss": loss, "peak_rss_mib": _peak_rss_mib(),
+         "jax_version": jax.__version__}
+  out["samples_per_s"] = config.batch_size / out["step_s_median"]
+  if mem is not None:
+    out["xla_temp_mib"] = mem.temp_size_in_bytes / 2**20
+    out["xla_argument_mib"] = mem.argument_size_in_bytes / 2**20
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if all(s and "peak_bytes_in_use" in s for s in stats):
+    out["peak_device_mib"] = max(s["peak_bytes_in_use"] for s in stats) / 2**20
+  return out
+
+
+def torch_worker(spec: dict) -> dict:
+  """Times the PyTorch reference step for one setting (grid/batch already resolved)."""
+  import torch
+  import torch_reference as ref
+
+  config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
+                        spec["dtype"])
+  torch.manual_seed(config.seed)
+  if spec.get("torch_threads"):
+    torch.set_num_threads(spec["torch_threads"])
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if device.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+  cl = spec.get("torch_channels_last", False)
+  im, clin = config.model.image, config.model.clinical
+  model = ref.MMNN(
+      N_CLINICAL, n_outcomes=len(config.data.outcomes), in_channels=2,
+      image_kwargs=dict(init_features=im.init_features, growth_rate=im.growth_rate,
+                        block_config=tuple(im.block_config), bn_size=im.bn_size,
+                        dropout_rate=im.dropout_rate, features=im.features,
+                        head_dropout_rate=im.head_dropout_rate),
+      clinical_kwargs=dict(hidden_sizes=tuple(clin.hidden_sizes), features=clin.features,
+                           dropout_rate=clin.dropout_rate)).to(device)
+  if cl:
+    model = model.to(memory_format=torch.channels_last_3d)
+  o = config.optimizer
+  opt = ref.make_optimizer(model, o.name, o.lr, o.weight_decay, o.get("momentum", 0.9),
+                           o.get("nesterov", True))
+  heads = ("mm", "image", "clinical")
+  aug = config.augment
+  step = ref.TrainStep(
+      model, opt, heads=heads, blend_weights=torch.full((3,), 1.0 / 3, device=device),
+      augment=(dict(flip_prob=aug.flip_prob, max_rotation_deg=aug.max_rotation_deg,
+                    zoom_range=tuple(aug.zoom_range)) if aug.enabled else None),
+      grad_accum_steps=config.grad_accum_steps,
+      autocast_dtype=torch.bfloat16 if spec["dtype"] == "bfloat16" else None,
+      channels_last=cl)
+
+  def to_torch(b):
+    image = torch.from_numpy(b["image"]).permute(0, 4, 1, 2, 3).contiguous(
+        memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+    return {"image": image.to(device), "clinical": torch.from_numpy(b["clinical"]).to(device),
+            "duration": torch.from_numpy(b["duration"]).to(device),
+            "event": torch.from_numpy(b["event"]).float().to(device)}
+
+  batches = [to_torch(_random_batch_np(s, config.batch_size, spec["grid"])) for s in range(3)]
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+
+  def run(i):
+    meas = step(batches[i % 3])
+    sync()
+    return meas
+
+  t0 = time.perf_counter()
+  run(0)  # First step: allocations, oneDNN/cuDNN algorithm selection.
+  first_s = time.perf_counter() - t0
+  for i in range(1, spec["warmup"]):
+    run(i)
+  times = []
+  for i in range(spec["steps"]):
+    s = time.perf_counter()
+    meas = run(spec["warmup"] + i)
+    times.append(time.perf_counter() - s)
+  loss = float(meas["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"torch reference step gave a non-finite loss {loss} for {spec}")
+  out = {"framework": "torch", "spec": spec, "device": device.type,
+         "device_kind": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                         else _cpu_model()),
+         "n_params": ref.count_params(model), "first_step_s": first_s, **_stats(times),
+         "last_loss": loss, "peak_rss_mib": _peak_rss_mib(), "torch_version": torch.__version__,
+         "threads": torch.get_num_threads(),
+         "layout": "NDHWC (channels_last_3d)" if cl else "NCDHW (contiguous)"}
+  out["samples_per_s"] = config.batch_size / out["step_s_median"]
+  if device.type == "cuda":
+    out["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+  return out
+
+
+def pipeline_worker(spec: dict) -> dict:
+  """In-memory gather + device_put rate at the local grid (as ``Trainer.batch``)."""
+  jax = _jax_setup(spec)
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  n, grid, batch = spec["n_patients"], spec["grid"], spec["batch"]
+  cohort = _random_batch_np(123, n, grid)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  data_sh = NamedSharding(mesh, P("data"))
+  rng = np.random.default_rng(0)
+
+  def one():
+    idx = rng.choice(n, batch, replace=False)
+    b = {k: v[idx] for k, v in cohort.items()}
+    jax.block_until_ready(jax.device_put(b, data_sh))
+
+  for _ in range(3):
+    one()
+  times = []
+  for _ in range(spec["batches"]):
+    s = time.perf_counter()
+    one()
+    times.append(time.perf_counter() - s)
+  med = statistics.median(times)
+  return {"framework": "pipeline", "spec": spec, "batch_s_median": med,
+          "samples_per_s": batch / med, "samples_per_s_mean": batch * len(times) / sum(times),
+          "mb_per_s": cohort["image"][:batch].nbytes / med / 1e6,
+          "device_kind": jax.devices()[0].device_kind}
+
+
+WORKERS = {"jax": jax_worker, "torch": torch_worker, "pipeline": pipeline_worker}
+
+
+def _run_worker(kind: str, spec: dict, timeout: float) -> dict:
+  """Runs one worker in a fresh process; returns its result or ``{"error": ...}``."""
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind,
+         "--spec", json.dumps(spec)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+  except subprocess.TimeoutExpired:
+    return {"error": f"{kind} worker timed out after {timeout:.0f} s"}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith(RESULT_TAG):
+      return json.loads(line[len(RESULT_TAG):])
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+  return {"error": f"{kind} worker exited {proc.returncode}: " + " | ".join(tail)}
+
+
+# ----------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------
+
+
+def _fmt(x, spec=".2f", scale=1.0):
+  return "–" if x is None else format(x * scale, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """One row per setting; step times as "median (min)" in ms."""
+  lines = ["| config | grid | batch | augment | dtype | jaxsurv trace+lower s | jaxsurv compile s | "
+           "jaxsurv step ms, median (min) | jaxsurv samples/s | jaxsurv peak MiB | XLA temp MiB | "
+           "torch step ms, median (min) | torch samples/s | torch peak MiB | "
+           "jaxsurv/torch step time, median (min) |",
+           "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    j, t = r.get("jaxsurv") or {}, r.get("torch") or {}
+    mem_j = j.get("peak_device_mib", j.get("peak_rss_mib"))
+    mem_t = t.get("peak_device_mib", t.get("peak_rss_mib"))
+    step = lambda d: (f"{_fmt(d.get('step_s_median'), '.0f', 1e3)} "
+                      f"({_fmt(d.get('step_s_min'), '.0f', 1e3)})")
+    lines.append(
+        f"| {r['config']} | {r['grid']}^3 | {r['batch']} | {'on' if r['augment'] else 'off'} | "
+        f"{r['dtype']} | {_fmt(j.get('lower_s'), '.1f')} | {_fmt(j.get('compile_s'), '.1f')} | "
+        f"{step(j)} | {_fmt(j.get('samples_per_s'), '.2f')} | "
+        f"{_fmt(mem_j, '.0f')} | {_fmt(j.get('xla_temp_mib'), '.0f')} | "
+        f"{step(t)} | {_fmt(t.get('samples_per_s'), '.2f')} | "
+        f"{_fmt(mem_t, '.0f')} | {_fmt(r.get('ratio_jax_over_torch'), '.2f')} "
+        f"({_fmt(r.get('ratio_min_jax_over_torch'), '.2f')}) |")
+  return "\n".join(lines)
+
+
+def _input_pipeline_rows(results_md: pathlib.Path) -> list[tuple[str, str, float]]:
+  """(grid, reader, samples/s median) rows of the "Input pipeline" table, if present."""
+  if not results_md.is_file():
+    return []
+  m = re.search(r"^## Input pipeline\n(.*?)(?=^## |\Z)", results_md.read_text(), re.S | re.M)
+  if not m:
+    return []
+  rows = []
+  for line in m.group(1).splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) >= 3 and re.fullmatch(r"\d+\^3", cells[0]):
+      try:
+        rows.append((cells[0], cells[1], float(cells[2])))
+      except ValueError:
+        pass
+  return rows
+
+
+def pipeline_notes(rows: list[dict], pipe: dict | None, results_md: pathlib.Path) -> list[str]:
+  """The >= 5x margin check of input rate over the local train step's samples/s.
+
+  Compares with the in-memory rate measured here and with the "Input
+  pipeline" section's readers at the smallest grid there that is at least
+  the local grid (a larger volume reads slower, so the check is conservative).
+  """
+  local = [r for r in rows
+           if r["config"] == "local" and (r.get("jaxsurv") or {}).get("samples_per_s")]
+  if not local:
+    return []
+  section = _input_pipeline_rows(results_md)
+  grids = sorted({int(g.split("^")[0]) for g, _, _ in section})
+  at = [g for g in grids if g >= local[0]["grid"]]
+  section = [row for row in section if at and row[0] == f"{at[0]}^3"]
+  notes = []
+  for r in local:
+    rate = r["jaxsurv"]["samples_per_s"]
+    parts = []
+    if pipe and "samples_per_s" in pipe:
+      ratio = pipe["samples_per_s"] / rate
+      parts.append(f"in-memory gather + `device_put` at {pipe['spec']['grid']}^3 (measured here) "
+                   f"{pipe['samples_per_s']:.0f} samples/s = {ratio:.0f}x "
+                   f"({'>= 5x' if ratio >= 5 else '**< 5x**'})")
+    for grid, reader, sps in section:
+      ratio = sps / rate
+      parts.append(f"{reader} at {grid} (Input pipeline section) {sps:.0f} samples/s = "
+                   f"{ratio:.1f}x ({'>= 5x' if ratio >= 5 else '**< 5x**'})")
+    notes.append(f"Train step at local {r['grid']}^3 batch {r['batch']}, augmentation "
+                 f"{'on (as configured)' if r['augment'] else 'off'}, {r['dtype']}: "
+                 f"**{rate:.1f} samples/s**; " + "; ".join(parts) + ".")
+  return notes
+
+
+def write_section(path: pathlib.Path, text: str) -> None:
+  """Replaces (or appends) the ``## Train step`` section of RESULTS.md, leaving others alone."""
+  old = path.read_text() if path.is_file() else "# Benchmark results\n\n"
+  pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+  if pattern.search(old):
+    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
+  else:
+    new = old.rstrip("\n") + "\n\n" + text
+  path.write_text(new.rstrip("\n") + "\n")
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=REPO, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def section_text(rows, pipe, notes, meta) -> str:
+  dk = sorted({(r.get("jaxsurv") or {}).get("device_kind", "?") for r in rows})
+  jv = next(((r.get("jaxsurv") or {}).get("jax_version") for r in rows if r.get("jaxsurv")), "?")
+  tv = next(((r.get("torch") or {}).get("torch_version") for r in rows if r.get("torch")), "?")
+  tt = next(((r.get("torch") or {}).get("threads") for r in rows if r.get("torch")), "?")
+  layout = next(((r.get("torch") or {}).get("layout") for r in rows if r.get("torch")), "?")
+  la0, la1 = meta["loadavg_start"], meta["loadavg_end"]
+  noisy = max(la0[0], la1[0]) > 0.5 * meta["cores"]
+  lines = [
+      f"## {SECTION}", "",
+      f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/train_step_benchmark.py` "
+      f"(commit {_commit()}).", "",
+      f"* Machine: {meta['cpu']}, {meta['cores']} cores; JAX devices: {', '.join(dk)}; "
+      f"Python {platform.python_version()}.",
+      f"* Packages: jax/jaxlib {jv}, torch {tv} (eager, {tt} threads, {layout}).",
+      f"* Command: `{meta['command']}`",
+      "* Load average (1, 5, 15 min): start " + ", ".join(f"{x:.2f}" for x in la0)
+      + "; end " + ", ".join(f"{x:.2f}" for x in la1) + "."
+      + (" **The machine is shared with other jobs and was loaded: CPU timings are noisy "
+         "(probably inflated, up to ~2x).**" if noisy else ""),
+      "* jaxsurv: `jaxsurv.train.train_step` jitted as `Trainer` does (`donate_argnums=(0,)`, "
+      "batch `NamedSharding` over a `(\"data\",)` mesh, replicated state); persistent "
+      "compilation cache off, so compile times are cold. Torch: "
+      "`benchmarks/torch_reference.py`, the same network (parameter counts checked equal), "
+      "Breslow Cox loss via sort + `logcumsumexp`, the same optimiser (AdamW for local, "
+      "SGD + Nesterov for paper) and gradient accumulation, augmentation via `affine_grid` + "
+      "`grid_sample`.",
+      f"* Timing: {meta['timing']}; inputs rotate among 3 device-resident random batches "
+      "(normal images/clinical, exponential durations in days, ~40% events). Step time is "
+      "the median; samples/s = batch / median. Peak RSS is the whole process (includes "
+      "compilation for jaxsurv); XLA temp = `compiled.memory_analysis().temp_size_in_bytes`.",
+      "* Ratio = jaxsurv step time / torch step time (> 1: jaxsurv slower), of the medians "
+      "and, in brackets, of the minima (the minimum is the less load-sensitive estimate on a "
+      "shared machine). Peak MiB: device peak on GPU, process peak RSS on CPU.", "",
+      markdown_table(rows), "",
+      "Parameters:", ""]
+  seen = set()
+  for r in rows:
+    j = r.get("jaxsurv") or {}
+    key = (r["config"], j.get("params"))
+    if j and key not in seen:
+      seen.add(key)
+      lines.append(f"* {r['config']}: {j['params']}; {j['n_params']:,} parameters "
+                   f"(torch {(r.get('torch') or {}).get('n_params', '–'):,}).")
+  errors = [f"* {r['config']} {r['grid']}^3 aug={r['augment']}: {k}: {r[k]['error']}"
+            for r in rows for k in ("jaxsurv", "torch") if (r.get(k) or {}).get("error")]
+  if errors:
+    lines += ["", "Errors:", ""] + errors
+  lines += ["", "Input rate vs train step (the pipeline should deliver >= 5x the step's "
+            "samples/s):", ""]
+  if pipe and "samples_per_s" in pipe:
+    lines.append(f"* In-memory gather (numpy fancy indexing of a [{pipe['spec']['n_patients']}, "
+                 f"{pipe['spec']['grid']}, {pipe['spec']['grid']}, {pipe['spec']['grid']}, 2] "
+                 f"float32 cohort by random indices, batch {pipe['spec']['batch']}, + "
+                 f"`jax.device_put` with the data sharding): {pipe['samples_per_s']:.0f} "
+                 f"samples/s (median of {pipe['spec']['batches']} batches, "
+                 f"{pipe['mb_per_s']:.0f} MB/s of image).")
+  lines += [f"* {n}" for n in notes]
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# Main.
+# ----------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", nargs="+", choices=["local", "paper"], default=["local", "paper"])
+  p.add_argument("--grid", type=int, default=None,
+                 help="cubic grid (default: local 24; paper 32 on CPU, 128 on GPU)")
+  p.add_argument("--batch", type=int, default=None,
+                 help="global batch (default: local 32; paper 2 on CPU, 8 on GPU)")
+  p.add_argument("--augment", choices=["on", "off", "both"], default="both")
+  p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
+  p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
+  p.add_argument("--steps", type=int, default=None, help="timed steps (default local 9, paper 5)")
+  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+  p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                 help="torch.set_num_threads (default: all cores, as XLA's CPU thread pool)")
+  p.add_argument("--torch-channels-last", action="store_true")
+  p.add_argument("--pipeline-patients", type=int, default=512)
+  p.add_argument("--pipeline-batches", type=int, default=100)
+  p.add_argument("--compile-cache", default=None, help="use this persistent compilation cache")
+  p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+  p.add_argument("--device-check", action="store_true",
+                 help="quick smoke run (local config, 1+2 steps) to check a new host, e.g. GPU")
+  p.add_argument("--write-results", action="store_true",
+                 help="replace the 'Train step' section of benchmarks/RESULTS.md")
+  p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+  p.add_argument("--spec", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+
+  if args.worker:
+    result = WORKERS[args.worker](json.loads(args.spec))
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+  if args.device_check:
+    args.config, args.augment, args.warmup, args.steps = ["local"], "on", 1, 2
+    args.pipeline_batches = 10
+  meta = {"cpu": _cpu_model(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg(),
+          "command": "python benchmarks/train_step_benchmark.py "
+                     + " ".join(sys.argv[1:] if argv is None else argv)}
+  print(f"load average at start: {meta['loadavg_start']}", flush=True)
+  augs = {"on": [True], "off": [False], "both": [False, True]}[args.augment]
+  defaults = {"local": (2, 9), "paper": (2, 5)}
+  timing = []
+  pipe = None
+  if "local" in args.config:
+    pipe = _run_worker("pipeline", {"n_patients": args.pipeline_patients, "grid": 24,
+                                    "batch": 32, "batches": args.pipeline_batches,
+                                    "compile_cache": args.compile_cache}, args.timeout)
+    print(RESULT_TAG + json.dumps(pipe), flush=True)
+  rows = []
+  for name in args.config:
+    warmup = args.warmup if args.warmup is not None else defaults[name][0]
+    steps = args.steps if args.steps is not None else defaults[name][1]
+    timing.append(f"{name}: {warmup} warm-up + {steps} timed steps")
+    for dtype in args.dtype:
+      for aug in augs:
+        spec = {"config": name, "grid": args.grid, "batch": args.batch, "augment": aug,
+                "dtype": dtype, "warmup": warmup, "steps": steps,
+                "compile_cache": args.compile_cache, "torch_threads": args.torch_threads,
+                "torch_channels_last": args.torch_channels_last}
+        j = _run_worker("jax", spec, args.timeout)
+        resolved = j.get("spec", spec)
+        row = {"config": name, "grid": resolved["grid"], "batch": resolved["batch"],
+               "augment": aug, "dtype": dtype, "jaxsurv": j}
+        if not args.no_torch and "error" not in j:
+          t = _run_worker("torch", resolved, args.timeout)
+          row["torch"] = t
+          if "step_s_median" in t:
+            row["ratio_jax_over_torch"] = j["step_s_median"] / t["step_s_median"]
+            row["ratio_min_jax_over_torch"] = j["step_s_min"] / t["step_s_min"]
+            if t["n_params"] != j["n_params"]:
+              row["param_mismatch"] = f"jaxsurv {j['n_params']} vs torch {t['n_params']}"
+        rows.append(row)
+        print(RESULT_TAG + json.dumps(row), flush=True)
+  meta["loadavg_end"] = os.getloadavg()
+  meta["timing"] = "; ".join(timing)
+  print(f"load average at end: {meta['loadavg_end']}", flush=True)
+  print()
+  print(markdown_table(rows))
+  results_md = HERE / "RESULTS.md"
+  notes = pipeline_notes(rows, pipe, results_md)
+  print("\n".join(notes))
+  failed = [r for r in rows if "error" in r["jaxsurv"] or "error" in (r.get("torch") or {})
+            or "param_mismatch" in r]
+  for r in failed:
+    print(f"FAILED/MISMATCH: {json.dumps(r)[:2000]}", file=sys.stderr)
+  if args.write_results and not args.device_check:
+    write_section(results_md, section_text(rows, pipe, notes, meta))
+    print(f"wrote the '{SECTION}' section of {results_md}")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
