@@ -52,6 +52,7 @@ def get_config(arg=None):
   c.data.cohort = a["cohort"]
   c.data.n_patients = a["n_patients"] or ml_collections.config_dict.placeholder(int)
   c.data.cohort_seed = 0  # Seed of the demo-cohort generator.
+  c.data.prepare_workers = 2  # Processes preparing (preprocessing) the cohort once.
   c.data.channels = ("t1c", "t2fs")
   c.data.mask = "mask"
   clinical = _CLINICAL.get(a["cohort"], dict(numeric=(), categorical=()))
@@ -111,7 +112,7 @@ def get_config(arg=None):
     c.data.preprocess.grid = (24, 24, 24)
     c.data.preprocess.spacing_mm = 2.0
     c.model.image.update(dict(init_features=8, growth_rate=4, block_config=(2, 2), bn_size=2,
-                              norm="batch"))
+                              norm="batch", stem_kernel=3))
     c.batch_size = 32
     c.grad_accum_steps = 1
     c.num_epochs = 12
