@@ -50,7 +50,6 @@ the JAX core works where scikit-survival is not installed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -515,7 +514,7 @@ def _chunk(n: int) -> int:
   return c
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def _chunked_totals(duration, event, risk, risk_lo, mask, tied_tol) -> Array:
   """``[4, n_chunks]`` int32 partial sums of the per-patient counts.
 
@@ -625,6 +624,10 @@ def _device_inputs(d: np.ndarray, e: np.ndarray, r: np.ndarray):
     # +0.0 turns -0.0 into 0.0 so equal times compare equal in the sort.
     return pad(d + 0.0, np.float64), pad(e, bool), pad(r, np.float64), None, mask
   _, t_rank = np.unique(d, return_inverse=True)
+  big = np.abs(r) > np.finfo(np.float32).max
+  if big.any():
+    raise ValueError(f"risk: values beyond the float32 range at {validation._rows(big)}; "
+                     "enable x64 (jax.config.update('jax_enable_x64', True)) for such scores")
   r_hi = r.astype(np.float32)
   r_lo = (r - r_hi.astype(np.float64)).astype(np.float32)
   lo = pad(r_lo, np.float32) if r_lo.any() else None

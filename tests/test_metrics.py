@@ -231,6 +231,12 @@ def test_bad_input_names_argument_and_rows(bad, pattern):
     metrics.concordance_index(**args)
 
 
+def test_float32_mode_rejects_scores_beyond_float32():
+  with jax.enable_x64(False), pytest.raises(ValueError, match=r"risk: values beyond the float32"
+                                                               r" range at rows \[0\]"):
+    metrics.concordance_index([1.0, 2.0, 3.0], [1, 0, 1], [1e39, 0.0, 1.0])
+
+
 def test_no_comparable_pairs_raises_like_sksurv():
   # Only one event, at the last time, tied with nobody censored: no pair.
   duration, event, risk = [1.0, 2.0, 3.0], [0, 0, 1], [0.1, 0.2, 0.3]
