@@ -1,0 +1,44 @@
+r"""HEALNet (hybrid early fusion; Hemker et al., NeurIPS 2024) on TCGA-BRCA.
+
+  python launch.py --config=configs/healnet.py --workdir=runs/healnet
+  python launch.py --config=configs/healnet.py:local --workdir=runs/healnet_local
+  python -m jaxsurv.cv table --config=configs/healnet.py:local --out=runs/cv_healnet
+
+Config argument (comma separated; see configs/fusion.py): modalities=A+B
+(default clinical+rna; add wsi for the synthetic PAM50 bags), wsi=pam50|noise,
+loss=nll|cox, fold=K, local, early_fusion (the paper's "Early Fusion"
+baseline: every tabular modality concatenated into one HEALNet input).
+
+Paper settings (the released BRCA run, konst-int-i/healnet
+config/best_hyperparams.yml and main_gpu.yml; PEERS.md §4.1, §4.10):
+
+* model: depth 2, 17 latents of width 126, 1 cross-attention head of width 63,
+  attention dropout 0.455, feed-forward dropout 0.365, no latent
+  self-attention (self_per_cross_attn 0), Fourier encoding with 2 bands and
+  max_freq 2, no weight sharing across layers, SELU-gated feed-forward; each
+  tabular modality is one token (the peer's ``omic_attention: True``);
+* loss: 4-bin NLL with alpha 0.4 and inverse-frequency bin weights fitted on
+  the training part; L1 6.8e-6 on every parameter, added once per step (the
+  peer adds it to loss/16, an effective 16x);
+* Adam (no weight decay) with OneCycle to max lr 0.008 over 50 epochs,
+  batch 4 (main_gpu.yml; the paper's Table 5 says 8), early stopping with
+  patience 5 on the validation NLL, best weights restored (deep copy);
+* 70/15/15 train/val/test per patient (the peer splits per slide).
+
+``local`` (2 CPU cores): the same network and loss, batch 32, AdamW (lr 3e-3,
+weight decay 1e-2, cosine with 1 warm-up epoch) for at most 30 epochs,
+selection and early stopping (patience 10) on the validation C-index, the
+output bias started at the training part's marginal hazards.
+"""
+
+from configs.common import parse_arg
+from configs.fusion import base_config
+
+
+def get_config(arg=None):
+  """Returns the HEALNet config; see the module docstring for ``arg``."""
+  a = parse_arg(arg, modalities="clinical+rna", wsi="pam50", loss="nll", fold=0, local=False,
+                early_fusion=False)
+  model = "early_fusion" if a["early_fusion"] else "healnet"
+  return base_config(model, a["modalities"], wsi=a["wsi"], loss=a["loss"], fold=a["fold"],
+                     local=a["local"])

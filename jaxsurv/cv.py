@@ -1,0 +1,706 @@
+r"""Cross-validation driver: the fusion-zoo comparison tables on TCGA-BRCA.
+
+Two experiments, laid out like HEALNet (Hemker et al., NeurIPS 2024) Tables 1
+and 2 and CM-MMF (Deng et al.) Table 1:
+
+* ``table``: 5 patient-level folds (``multimodal.cv_folds``: event-stratified,
+  each fold's validation part carved from its training part); every entry
+  (model, modality set) is trained on each fold's training part, selected on
+  its validation part and scored on its test part (Harrell's C). A
+  scikit-survival ``CoxnetSurvivalAnalysis`` baseline (elastic-net Cox,
+  ``l1_ratio`` 0.5, standardisation fitted on the training part, the penalty
+  ``alpha`` chosen by the validation C-index) runs on the same folds and
+  features. Output: mean and SD over folds of the test C-index, rows =
+  models, columns = modality sets (``table.md``, ``summary.csv``), plus the
+  per-fold long table (``folds.csv``).
+* ``missing``: HEALNet Table 2. Each model is trained on all modalities, then
+  its test part is scored with whole modalities dropped per patient at
+  random (``multimodal.drop_modalities`` with probability p; ``p = 1`` keeps
+  exactly one modality per patient, chosen uniformly: HEALNet's "50% omic +
+  50% WSI" setting). Each model handles a missing modality as it is built
+  to (``fusion_train.MISSING_BEHAVIOUR``: HEALNet skips the modality's
+  update, CM-MMF renormalises its modality attention, concatenation sees a
+  zero embedding and a presence flag, ...). A late-fusion row averages the
+  unimodal models' risks over the modalities each patient has (HEALNet's
+  "best uni-modal" XOR gate when one modality is left). The same random
+  masks are used for every model.
+
+Commands (run from the repository root)::
+
+  python -m jaxsurv.cv table --out=runs/cv_table
+  python -m jaxsurv.cv table --config=configs/healnet.py:local --out=runs/cv_healnet
+  python -m jaxsurv.cv table --entries=cmmmf@clinical+rna+wsi,coxnet@clinical+rna+wsi \
+      --out=runs/cv_wsi
+  python -m jaxsurv.cv missing --out=runs/missing
+
+Entries are ``model@modalities`` (models: ``fusion_train.MODEL_NAMES`` and
+``coxnet``; modalities '+'-joined from clinical, rna, mirna, methylation,
+wsi); each uses ``configs/<model>.py`` (HEALNet, CM-MMF, PORPOISE) or
+``configs/fusion.py:model=<model>``, in the CPU-sized ``local`` variant
+unless ``--paper``. ``--set key=value`` overrides a config field for every
+entry (e.g. ``--set num_epochs=10``). A fold whose ``results.json`` exists
+with the same config is reused (``--no-resume`` retrains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import logging
+import pathlib
+import sys
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+import pandas as pd
+
+from jaxsurv import evaluate, metrics
+from jaxsurv import fusion_train as ft
+from jaxsurv.data import multimodal
+from jaxsurv.data import splits as splits_lib
+
+log = logging.getLogger("jaxsurv")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The default `table` entries: the brief's list (unimodal clinical and RNA,
+# concatenation, CM-MMF, HEALNet, PORPOISE and Coxnet on clinical + RNA).
+TABLE_ENTRIES = (
+    "unimodal@clinical", "unimodal@rna", "concat@clinical+rna", "cmmmf@clinical+rna",
+    "healnet@clinical+rna", "porpoise@clinical+rna",
+    "coxnet@clinical", "coxnet@rna", "coxnet@clinical+rna",
+)
+# Added by --with-wsi: the synthetic PAM50-driven WSI bags.
+WSI_ENTRIES = ("cmmmf@clinical+rna+wsi", "healnet@clinical+rna+wsi", "porpoise@rna+wsi",
+               "unimodal@wsi", "coxnet@clinical+rna+wsi")
+MISSING_MODELS = ("healnet", "cmmmf", "concat", "mean", "porpoise", "early_fusion")
+COXNET = "coxnet"
+
+# Row labels and fusion designs (CM-MMF Table 1 style).
+MODEL_LABELS = {
+    "unimodal": ("Unimodal", "SNN (tabular) / AMIL (WSI)", "None"),
+    "concat": ("Concatenation", "SNN / AMIL", "Concatenation"),
+    "mean": ("Mean vector", "SNN / AMIL", "Mean-vector"),
+    "bilinear": ("Bilinear", "SNN / AMIL", "Gated Kronecker"),
+    "porpoise": ("PORPOISE", "SNN / AMIL", "Gated bilinear (late)"),
+    "cmmmf": ("CM-MMF", "SNN / AMIL", "Cross-modality attention"),
+    "healnet": ("HEALNet", "HEALNet", "Hybrid early fusion"),
+    "early_fusion": ("Early fusion", "HEALNet", "Concatenated input"),
+    COXNET: ("Coxnet", "Elastic-net Cox (sksurv)", "Concatenated features"),
+    "late_unimodal": ("Unimodal late fusion", "SNN per modality", "Mean risk of present"),
+}
+
+
+# ----------------------------------------------------------------------------
+# Configs.
+# ----------------------------------------------------------------------------
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``"path/to/config.py[:arg]"`` by calling its ``get_config(arg)``.
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: the module has no ``get_config``.
+  """
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_absolute() and not file.exists():
+    file = REPO / file
+  if not file.exists():
+    raise FileNotFoundError(f"config file {path!r} not found")
+  if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # Config files import configs.common.
+  mod_spec = importlib.util.spec_from_file_location(f"_jaxsurv_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{file} has no get_config(arg)")
+  return module.get_config(arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]):
+  """Applies ``"a.b=value"`` overrides (values parsed as Python literals if possible).
+
+  Raises:
+    ValueError: malformed override or unknown field.
+  """
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} must be key=value")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        raise ValueError(f"override {item!r}: unknown config field {p!r}")
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"override {item!r}: unknown config field {leaf!r}")
+    if isinstance(value, list):
+      value = tuple(value)
+    node[leaf] = value
+  return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One row/column cell of the table: a model on a modality set."""
+  model: str
+  modalities: str  # '+'-joined, e.g. "clinical+rna+wsi"
+  config: Any = None  # ml_collections.ConfigDict (None for Coxnet)
+
+  @property
+  def key(self) -> str:
+    return f"{self.model}__{self.modalities.replace('+', '-')}"
+
+
+def modality_label(config) -> str:
+  """'+'-joined modality set of a config (``wsi`` last when bags are on)."""
+  mods = list(config.data.modalities)
+  if config.data.get("wsi") is not None:
+    mods.append("wsi")
+  return "+".join(mods)
+
+
+def entry_config(model: str, modalities: str, *, paper: bool = False,
+                 overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config of ``model@modalities`` (``configs/<model>.py`` if it exists)."""
+  own = REPO / "configs" / f"{model}.py"
+  variant = "" if paper else ",local"
+  if model in ("healnet", "cmmmf", "porpoise") and own.exists():
+    spec = f"{own}:modalities={modalities}{variant}"
+  else:
+    spec = f"{REPO / 'configs' / 'fusion.py'}:model={model},modalities={modalities}{variant}"
+  return apply_overrides(load_config(spec), overrides)
+
+
+def parse_entries(specs: Sequence[str], *, paper: bool = False,
+                  overrides: Sequence[str] = ()) -> list[Entry]:
+  """``["healnet@clinical+rna", "coxnet@clinical"]`` -> entries with configs.
+
+  Raises:
+    ValueError: a malformed entry or unknown model.
+  """
+  out = []
+  for spec in specs:
+    model, sep, mods = spec.partition("@")
+    if not sep or not mods:
+      raise ValueError(f"entry {spec!r} must be model@modalities, e.g. healnet@clinical+rna")
+    if model == COXNET:
+      out.append(Entry(model, mods, None))
+      continue
+    if model not in ft.MODEL_NAMES:
+      raise ValueError(f"entry {spec!r}: unknown model {model!r}; known: "
+                       f"{ft.MODEL_NAMES + (COXNET,)}")
+    out.append(Entry(model, mods, entry_config(model, mods, paper=paper, overrides=overrides)))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Data.
+# ----------------------------------------------------------------------------
+
+
+class CohortCache:
+  """Loads each modality set's cohort once; the folds once for all of them.
+
+  The folds depend only on the patients and their events, so every modality
+  set of TCGA-BRCA (same 739 patients) gets the same folds.
+  """
+
+  def __init__(self, n_folds: int = 5, fold_seed: int = 0, val_fraction: float = 0.15,
+               stratify: Sequence[str] = ("event",), wsi_kwargs: Mapping | None = None):
+    self.n_folds, self.fold_seed, self.val_fraction = n_folds, fold_seed, val_fraction
+    self.stratify = tuple(stratify)
+    self.wsi_kwargs = dict(wsi_kwargs or {})
+    self._cohorts: dict = {}
+    self._folds = None
+
+  def cohort(self, config_or_modalities) -> multimodal.MultimodalCohort:
+    """The cohort of a config (its ``data``) or of a '+'-joined modality set."""
+    if isinstance(config_or_modalities, str):
+      from configs.fusion import parse_modalities  # Repo root is on sys.path.
+      tab, with_wsi = parse_modalities(config_or_modalities)
+      wsi, wsi_kwargs, seed = ("pam50" if with_wsi else None), self.wsi_kwargs, 0
+    else:
+      d = config_or_modalities.data
+      tab, wsi, seed = tuple(d.modalities), d.get("wsi"), d.get("wsi_seed", 0)
+      wsi_kwargs = dict(d.get("wsi_kwargs", {}) or {}) if wsi is not None else {}
+    wsi_kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in wsi_kwargs.items()}
+    key = (tab, wsi, seed, json.dumps(wsi_kwargs, sort_keys=True, default=str))
+    if key not in self._cohorts:
+      self._cohorts[key] = multimodal.load_tcga_brca(modalities=tab, wsi=wsi, seed=seed,
+                                                     **(wsi_kwargs if wsi else {}))
+    return self._cohorts[key]
+
+  def folds(self, cohort: multimodal.MultimodalCohort) -> list[splits_lib.Split]:
+    if self._folds is None:
+      self._folds = multimodal.cv_folds(cohort, self.n_folds, seed=self.fold_seed,
+                                        val_fraction=self.val_fraction,
+                                        stratify=self.stratify)
+    ids = set(cohort.patient_ids)
+    if any(set(f.test) - ids for f in self._folds):
+      raise ValueError("the cached folds name patients absent from this cohort")
+    return self._folds
+
+
+# ----------------------------------------------------------------------------
+# Coxnet baseline.
+# ----------------------------------------------------------------------------
+
+
+def coxnet_features(data: Mapping, modalities) -> np.ndarray:
+  """``[n, features]`` design matrix from a transformed part.
+
+  Tabular modalities are already standardised on the training part (0 where
+  absent, i.e. mean imputation); a bag modality contributes the mean of its
+  valid tiles (0 if absent).
+  """
+  cols = []
+  for m, kind in modalities:
+    x = np.asarray(data["inputs"][m], np.float64)
+    if kind == "bag":
+      mask = np.asarray(data["inputs"][m + multimodal.TILE_MASK_SUFFIX], bool)
+      x = (x * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+    cols.append(x)
+  return np.concatenate(cols, axis=1)
+
+
+def coxnet_fold(cohort: multimodal.MultimodalCohort, split: splits_lib.Split, *,
+                l1_ratio: float = 0.5, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
+                max_iter: int = 100_000) -> dict:
+  """Elastic-net Cox (scikit-survival) on one fold; alpha chosen on val.
+
+  Features are the fold's ``FoldTransform`` (fitted on the training part:
+  training mean/SD standardisation; bags as mean tile features). The
+  regularisation path is fitted on the training part only; the validation
+  C-index picks ``alpha`` (ties go to the larger, i.e. sparser, model); the
+  test C-index is reported for that alpha.
+
+  Returns:
+    ``{"val": {"cindex", "n", "events"}, "test": {...}, "alpha",
+    "n_nonzero", "n_features", "seconds", "test_risk" [n_test]}``.
+
+  Raises:
+    ValueError: from ``FoldTransform.fit`` (a modality with no present
+      training patient) or no validation part.
+  """
+  from sksurv.linear_model import CoxnetSurvivalAnalysis
+  from sksurv.util import Surv
+  t0 = time.time()
+  idx = cohort.indices(split)
+  if len(idx["val"]) == 0:
+    raise ValueError("Coxnet needs a validation part to choose alpha")
+  transform = multimodal.FoldTransform.fit(cohort, idx["train"], fold=split.meta.get("fold"))
+  mods = ft.model_modalities(cohort)
+  parts = {p: transform.transform(cohort, idx[p]) for p in ("train", "val", "test")}
+  x = {p: coxnet_features(d, mods) for p, d in parts.items()}
+  y = Surv.from_arrays(parts["train"]["event"].astype(bool), parts["train"]["duration"])
+  model = CoxnetSurvivalAnalysis(l1_ratio=l1_ratio, n_alphas=n_alphas,
+                                 alpha_min_ratio=alpha_min_ratio, max_iter=max_iter,
+                                 fit_baseline_model=False)
+  model.fit(x["train"], y)
+  val = parts["val"]
+  best = (-np.inf, None)
+  for a in model.alphas_:  # Descending: sparser models first win ties.
+    r = model.predict(x["val"], alpha=a)
+    try:
+      c = metrics.concordance_index(val["duration"], val["event"], r)
+    except ValueError:
+      continue
+    if c > best[0] + 1e-12:
+      best = (c, a)
+  alpha = best[1] if best[1] is not None else model.alphas_[0]
+  out = {"alpha": float(alpha), "n_features": int(x["train"].shape[1])}
+  coef = model.coef_[:, int(np.argmin(np.abs(model.alphas_ - alpha)))]
+  out["n_nonzero"] = int(np.sum(coef != 0))
+  for p in ("val", "test"):
+    r = model.predict(x[p], alpha=alpha)
+    try:
+      c = metrics.concordance_index(parts[p]["duration"], parts[p]["event"], r)
+    except ValueError:
+      c = None
+    out[p] = {"cindex": c, "n": int(len(r)), "events": int(parts[p]["event"].sum())}
+    out[f"{p}_risk"] = r
+  out["seconds"] = time.time() - t0
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The comparison table.
+# ----------------------------------------------------------------------------
+
+
+def _config_json(config) -> str:
+  d = json.loads(config.to_json_best_effort())
+  d.pop("progress_bar", None)
+  return json.dumps(d, sort_keys=True)
+
+
+def _row(entry: Entry, fold: int, res: Mapping) -> dict:
+  return {"model": entry.model, "modalities": entry.modalities, "fold": fold,
+          "val_cindex": res["val"]["cindex"], "test_cindex": res["test"]["cindex"],
+          "val_loss": res["val"].get("loss"), "test_loss": res["test"].get("loss"),
+          "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"),
+          "n_params": res.get("n_params"), "alpha": res.get("alpha"),
+          "n_nonzero": res.get("n_nonzero"), "n_train": res.get("n_train"),
+          "n_test": res["test"]["n"], "test_events": res["test"]["events"],
+          "seconds": res.get("seconds")}
+
+
+def run_table(entries: Sequence[Entry], out: str | pathlib.Path, *,
+              folds: Sequence[int] | None = None, cache: CohortCache | None = None,
+              resume: bool = True, progress: bool = True, verbose: bool = False,
+              coxnet_kwargs: Mapping | None = None) -> pd.DataFrame:
+  """Runs every entry on every fold; writes per-fold outputs and the tables.
+
+  Args:
+    entries: from :func:`parse_entries`.
+    out: output folder: ``runs/<entry>/fold<k>/`` (``results.json``,
+      ``predictions.csv``, attention CSVs), ``folds.csv``, ``summary.csv``,
+      ``table.md``.
+    folds: fold numbers to run (default all).
+    cache: cohorts and folds (default: 5 folds, seed 0, 15% validation).
+    resume: reuse a fold whose ``results.json`` has the same config.
+    progress: outer tqdm bar over (entry, fold); ``verbose`` adds the
+      per-epoch bars.
+    coxnet_kwargs: passed to :func:`coxnet_fold`.
+
+  Returns:
+    The long per-fold DataFrame (also ``folds.csv``).
+  """
+  from tqdm.auto import tqdm
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  cache = cache or CohortCache()
+  rows = []
+  first = cache.cohort(entries[0].config if entries[0].config is not None
+                       else entries[0].modalities)
+  all_folds = cache.folds(first)
+  fold_ids = list(range(len(all_folds))) if folds is None else list(folds)
+  bar = tqdm(total=len(entries) * len(fold_ids), desc="cv", unit="fold", dynamic_ncols=True,
+             disable=not progress)
+  for entry in entries:
+    cohort = cache.cohort(entry.config if entry.config is not None else entry.modalities)
+    fsplits = cache.folds(cohort)
+    trainer = None
+    for k in fold_ids:
+      wd = out / "runs" / entry.key / f"fold{k}"
+      bar.set_postfix(entry=f"{entry.model}@{entry.modalities}", fold=k)
+      if entry.model == COXNET:
+        res = coxnet_fold(cohort, fsplits[k], **(coxnet_kwargs or {}))
+        wd.mkdir(parents=True, exist_ok=True)
+        evaluate.write_json_atomic({k2: v for k2, v in res.items() if not k2.endswith("_risk")},
+                                   wd / "results.json")
+      else:
+        cfg_json = _config_json(entry.config)
+        done = wd / "results.json"
+        if resume and done.exists() and (wd / "config.json").exists() \
+            and (wd / "config.json").read_text() == cfg_json:
+          res = json.loads(done.read_text())
+        else:
+          if trainer is None:
+            trainer = ft.FusionTrainer(entry.config, ft.model_modalities(cohort))
+          res, _ = ft.run_fold(trainer, cohort, fsplits[k], wd, progress=verbose)
+          (wd / "config.json").write_text(cfg_json)
+      rows.append(_row(entry, k, res))
+      bar.update(1)
+      pd.DataFrame(rows).to_csv(out / "folds.csv", index=False)
+  bar.close()
+  df = pd.DataFrame(rows)
+  write_table(df, out)
+  return df
+
+
+def _fmt(values: Sequence[float]) -> str:
+  v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+  if v.size == 0:
+    return "–"
+  sd = v.std(ddof=1) if v.size > 1 else float("nan")
+  return f"{v.mean():.3f} ± {sd:.3f}" if v.size > 1 else f"{v.mean():.3f}"
+
+
+def summary_table(df: pd.DataFrame, value: str = "test_cindex") -> pd.DataFrame:
+  """Rows = models, columns = modality sets; cells "mean ± SD" over folds.
+
+  Leading columns ``Model``, ``Backbone``, ``Fusion`` (CM-MMF Table 1
+  style); models and modality sets keep their first-appearance order.
+  """
+  models = list(dict.fromkeys(df["model"]))
+  mods = list(dict.fromkeys(df["modalities"]))
+  rows = []
+  for m in models:
+    label, backbone, fusion = MODEL_LABELS.get(m, (m, "", ""))
+    row = {"Model": label, "Backbone": backbone, "Fusion": fusion}
+    for s in mods:
+      sel = df[(df["model"] == m) & (df["modalities"] == s)]
+      row[s] = _fmt(sel[value].tolist()) if len(sel) else "–"
+    rows.append(row)
+  return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+  """A GitHub-Markdown table of a DataFrame of strings."""
+  cols = list(table.columns)
+  lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+  for _, r in table.iterrows():
+    lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+  return "\n".join(lines)
+
+
+def write_table(df: pd.DataFrame, out: pathlib.Path) -> None:
+  """Writes ``summary.csv`` (test), ``summary_val.csv`` and ``table.md``."""
+  test = summary_table(df, "test_cindex")
+  val = summary_table(df, "val_cindex")
+  test.to_csv(out / "summary.csv", index=False)
+  val.to_csv(out / "summary_val.csv", index=False)
+  n_folds = df["fold"].nunique()
+  text = [f"Test C-index (Harrell), mean ± SD (ddof=1) over {n_folds} patient-level folds",
+          "", to_markdown(test), "",
+          "Validation C-index of the selected model (selection used the validation loss, "
+          "or for Coxnet the validation C-index over the alpha path):", "", to_markdown(val), ""]
+  (out / "table.md").write_text("\n".join(text))
+
+
+# ----------------------------------------------------------------------------
+# Missing modalities at test time.
+# ----------------------------------------------------------------------------
+
+
+def missing_masks(presence: Mapping[str, np.ndarray], p: float, *, seed: int, fold: int,
+                  repeat: int) -> dict:
+  """The random test-time presence of one (p, fold, repeat), shared by all models."""
+  key = [int(seed), int(fold), int(repeat), int(round(p * 1000))]
+  return multimodal.drop_modalities(presence, np.random.default_rng(key), p)
+
+
+def run_missing(models: Sequence[str], modalities: str, out: str | pathlib.Path, *,
+                ps: Sequence[float] = (0.0, 0.25, 0.5, 1.0), repeats: int = 5,
+                late_unimodal: bool = True, paper: bool = False,
+                overrides: Sequence[str] = (), folds: Sequence[int] | None = None,
+                cache: CohortCache | None = None, seed: int = 0, progress: bool = True,
+                verbose: bool = False) -> pd.DataFrame:
+  """HEALNet Table 2 style experiment (see the module docstring).
+
+  Args:
+    models: fusion model names trained on all of ``modalities``.
+    modalities: '+'-joined modality set (at least two).
+    out: output folder (``missing_folds.csv``, ``missing.csv``,
+      ``missing.md``).
+    ps: per-(patient, modality) drop probabilities at test time.
+    repeats: random masks per (fold, p); the fold's C-index is their mean.
+    late_unimodal: also train one unimodal model per modality and score the
+      mean of the present modalities' risks.
+    paper, overrides: config variant and ``key=value`` overrides.
+    folds, cache, seed, progress, verbose: as :func:`run_table`.
+
+  Returns:
+    The long per-fold DataFrame (model, p, fold, test_cindex, ...).
+
+  Raises:
+    ValueError: fewer than two modalities, p outside [0, 1].
+  """
+  from tqdm.auto import tqdm
+  if len(modalities.split("+")) < 2:
+    raise ValueError(f"the missing-modality experiment needs >= 2 modalities, got "
+                     f"{modalities!r}")
+  if any(not 0 <= p <= 1 for p in ps):
+    raise ValueError(f"drop probabilities must be in [0, 1], got {list(ps)}")
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  cache = cache or CohortCache()
+  mods = modalities.split("+")
+  jobs = [(m, modalities) for m in models]
+  if late_unimodal:
+    jobs += [("unimodal", m) for m in mods]
+  configs = {job: entry_config(job[0], job[1], paper=paper, overrides=overrides)
+             for job in jobs}
+  full = cache.cohort(configs[jobs[0]])
+  fsplits = cache.folds(full)
+  fold_ids = list(range(len(fsplits))) if folds is None else list(folds)
+  rows = []
+  unimodal_risk: dict = {}  # (fold, modality) -> {patient_id: risk}
+  bar = tqdm(total=len(jobs) * len(fold_ids), desc="missing", unit="fold", dynamic_ncols=True,
+             disable=not progress)
+  for job in jobs:
+    model, mset = job
+    cfg = configs[job]
+    cohort = cache.cohort(cfg)
+    trainer = ft.FusionTrainer(cfg, ft.model_modalities(cohort))
+    for k in fold_ids:
+      bar.set_postfix(model=f"{model}@{mset}", fold=k)
+      wd = out / "runs" / f"{model}__{mset.replace('+', '-')}" / f"fold{k}"
+      res, run = ft.run_fold(trainer, cohort, fsplits[k], wd, progress=verbose)
+      if model == "unimodal":
+        test_ids = cohort.patient_ids[run.idx["test"]]
+        _, data = trainer.evaluate(run, cohort, "test")
+        unimodal_risk[k, mset] = dict(zip(test_ids, data["risk"]))
+      else:
+        test_idx = run.idx["test"]
+        base = {m: cohort.presence[m][test_idx] for m in cohort.modalities}
+        for p in ps:
+          cs, kept = [], []
+          for r in range(repeats if p > 0 else 1):
+            pres = missing_masks(base, p, seed=seed, fold=k, repeat=r)
+            res_p, _ = trainer.evaluate(run, cohort, "test", presence=pres)
+            cs.append(res_p["cindex"])
+            kept.append(np.mean([pres[m].mean() for m in pres]))
+          rows.append({"model": model, "modalities": mset, "p": p, "fold": k,
+                       "test_cindex": float(np.mean([c for c in cs if c is not None])),
+                       "present_fraction": float(np.mean(kept)),
+                       "val_cindex": res["val"]["cindex"], "best_epoch": res["best_epoch"]})
+      bar.update(1)
+  bar.close()
+  if late_unimodal:
+    for k in fold_ids:
+      split = fsplits[k]
+      idx = full.indices(split)["test"]
+      ids = full.patient_ids[idx]
+      base = {m: full.presence[m][idx] for m in full.modalities}
+      risks = np.stack([[unimodal_risk[k, m][i] for i in ids] for m in mods], axis=1)
+      event, duration = full.event[idx], full.duration[idx]
+      for p in ps:
+        cs, kept = [], []
+        for r in range(repeats if p > 0 else 1):
+          pres = missing_masks(base, p, seed=seed, fold=k, repeat=r)
+          have = np.stack([pres[m] for m in mods], axis=1)
+          risk = np.where(have, risks, 0.0).sum(1) / np.maximum(have.sum(1), 1)
+          cs.append(metrics.concordance_index(duration, event, risk))
+          kept.append(have.mean())
+        rows.append({"model": "late_unimodal", "modalities": modalities, "p": p, "fold": k,
+                     "test_cindex": float(np.mean(cs)), "present_fraction": float(np.mean(kept)),
+                     "val_cindex": None, "best_epoch": None})
+  df = pd.DataFrame(rows)
+  df.to_csv(out / "missing_folds.csv", index=False)
+  write_missing_table(df, out, repeats=repeats)
+  return df
+
+
+def _p_label(p: float) -> str:
+  if p == 0:
+    return "all present (p=0)"
+  if p == 1:
+    return "one modality each (p=1)"
+  return f"p={p:g}"
+
+
+def write_missing_table(df: pd.DataFrame, out: pathlib.Path, *, repeats: int) -> pd.DataFrame:
+  """Rows = models, columns = drop probabilities; ``missing.csv``/``missing.md``."""
+  rows = []
+  for m in dict.fromkeys(df["model"]):
+    label, _, _ = MODEL_LABELS.get(m, (m, "", ""))
+    row = {"Model": label,
+           "Missing modality handling": ft.MISSING_BEHAVIOUR.get(
+               m, "mean of the unimodal risks of the present modalities")}
+    for p in sorted(df["p"].unique()):
+      sel = df[(df["model"] == m) & (df["p"] == p)]
+      row[_p_label(p)] = _fmt(sel["test_cindex"].tolist())
+    rows.append(row)
+  table = pd.DataFrame(rows)
+  table.to_csv(out / "missing.csv", index=False)
+  frac = df.groupby("p")["present_fraction"].mean()
+  notes = ", ".join(f"p={p:g}: {f:.2f}" for p, f in frac.items())
+  text = [f"Test C-index, mean ± SD over {df['fold'].nunique()} folds; each fold's value is "
+          f"the mean over {repeats} random test-time masks (p > 0). Models trained with all "
+          f"modalities present. Fraction of (patient, modality) pairs kept: {notes}.", "",
+          to_markdown(table), ""]
+  (out / "missing.md").write_text("\n".join(text))
+  return table
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+
+def _csv(s: str) -> list[str]:
+  return [x for x in s.split(",") if x]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m jaxsurv.cv", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--out", required=True, help="output folder")
+  common.add_argument("--paper", action="store_true", help="paper settings (default: local)")
+  common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override for every entry (repeatable)")
+  common.add_argument("--folds", type=_csv, default=None, help="e.g. 0,1 (default: all)")
+  common.add_argument("--n-folds", type=int, default=5)
+  common.add_argument("--fold-seed", type=int, default=0)
+  common.add_argument("--quiet", action="store_true", help="no progress bar")
+  common.add_argument("--verbose", action="store_true", help="per-epoch progress bars")
+  t = sub.add_parser("table", parents=[common], help="the model x modality-set table")
+  t.add_argument("--entries", type=_csv, default=None,
+                 help="model@modalities,... (default: " + ",".join(TABLE_ENTRIES) + ")")
+  t.add_argument("--config", action="append", default=[],
+                 help="config file[:arg] to run as an entry (repeatable; replaces the "
+                      "default entries unless --entries is given)")
+  t.add_argument("--with-wsi", action="store_true",
+                 help="add " + ",".join(WSI_ENTRIES))
+  t.add_argument("--no-coxnet", action="store_true", help="drop the Coxnet entries")
+  t.add_argument("--no-resume", action="store_true")
+  t.add_argument("--l1-ratio", type=float, default=0.5, help="Coxnet elastic-net mixing")
+  m = sub.add_parser("missing", parents=[common], help="missing modalities at test time")
+  m.add_argument("--models", type=_csv, default=list(MISSING_MODELS))
+  m.add_argument("--modalities", default="clinical+rna")
+  m.add_argument("--p", type=lambda s: [float(x) for x in _csv(s)],
+                 default=[0.0, 0.25, 0.5, 1.0])
+  m.add_argument("--repeats", type=int, default=5)
+  m.add_argument("--no-late-unimodal", action="store_true")
+  args = parser.parse_args(argv)
+
+  logging.basicConfig(level=logging.WARNING)
+  import jax
+  # Persistent compilation cache: repeated runs skip recompiling the steps.
+  cache_dir = pathlib.Path("~/.cache/jaxsurv/jax_compilation_cache").expanduser()
+  jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+  folds = None if args.folds is None else [int(f) for f in args.folds]
+  cache = CohortCache(n_folds=args.n_folds, fold_seed=args.fold_seed)
+  t0 = time.time()
+  if args.command == "table":
+    entries = []
+    if args.config and args.entries is None:
+      for spec in args.config:
+        cfg = apply_overrides(load_config(spec), args.set)
+        entries.append(Entry(cfg.model_name, modality_label(cfg), cfg))
+    else:
+      specs = list(args.entries or TABLE_ENTRIES)
+      if args.with_wsi:
+        specs += [e for e in WSI_ENTRIES if e not in specs]
+      entries = parse_entries(specs, paper=args.paper, overrides=args.set)
+      for spec in args.config:
+        cfg = apply_overrides(load_config(spec), args.set)
+        entries.append(Entry(cfg.model_name, modality_label(cfg), cfg))
+    if args.no_coxnet:
+      entries = [e for e in entries if e.model != COXNET]
+    run_table(entries, args.out, folds=folds, cache=cache, resume=not args.no_resume,
+              progress=not args.quiet, verbose=args.verbose,
+              coxnet_kwargs={"l1_ratio": args.l1_ratio})
+    print((pathlib.Path(args.out) / "table.md").read_text())
+  else:
+    run_missing(args.models, args.modalities, args.out, ps=args.p, repeats=args.repeats,
+                late_unimodal=not args.no_late_unimodal, paper=args.paper,
+                overrides=args.set, folds=folds, cache=cache, progress=not args.quiet,
+                verbose=args.verbose)
+    print((pathlib.Path(args.out) / "missing.md").read_text())
+  print(f"total {time.time() - t0:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
