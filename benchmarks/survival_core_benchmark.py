@@ -290,7 +290,8 @@ def render(info, command, c_rows, cox_rows, boot, notes) -> str:
          f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/survival_core_benchmark.py` "
          f"(commit {info['commit']}).", "",
          f"* Machine: {info['cpu']}, {info['cores']} cores, 1-min load average {info['load']} at the "
-         "start (the cores are shared with other jobs, so times are noisy; each figure is the "
+         f"start and {os.getloadavg()[0]:.1f} at the end (the cores are shared with other jobs, so "
+         "times are noisy; each figure is the "
          f"minimum over at least {info['repeats']} runs, more for fast cases, one for runs over "
          "10 s).",
          f"* Packages: jax {info['jax']} (CPU, x64), numpy {info['numpy']}, scikit-survival "
