@@ -219,10 +219,16 @@ class CohortCache:
   """
 
   def __init__(self, n_folds: int = 5, fold_seed: int = 0, val_fraction: float = 0.15,
-               stratify: Sequence[str] = ("event",), wsi_kwargs: Mapping | None = None):
+               stratify: Sequence[str] = ("event",), wsi_kwargs: Mapping | None = None,
+               loader=None):
+    """Args: fold settings (``multimodal.cv_folds``); ``wsi_kwargs`` for
+    cohorts named by a modality string; ``loader(modalities=..., wsi=...,
+    seed=..., **wsi_kwargs)`` builds a cohort (default
+    ``multimodal.load_tcga_brca``; tests pass a synthetic one)."""
     self.n_folds, self.fold_seed, self.val_fraction = n_folds, fold_seed, val_fraction
     self.stratify = tuple(stratify)
     self.wsi_kwargs = dict(wsi_kwargs or {})
+    self.loader = loader or multimodal.load_tcga_brca
     self._cohorts: dict = {}
     self._folds = None
 
@@ -239,8 +245,8 @@ class CohortCache:
     wsi_kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in wsi_kwargs.items()}
     key = (tab, wsi, seed, json.dumps(wsi_kwargs, sort_keys=True, default=str))
     if key not in self._cohorts:
-      self._cohorts[key] = multimodal.load_tcga_brca(modalities=tab, wsi=wsi, seed=seed,
-                                                     **(wsi_kwargs if wsi else {}))
+      self._cohorts[key] = self.loader(modalities=tab, wsi=wsi, seed=seed,
+                                       **(wsi_kwargs if wsi else {}))
     return self._cohorts[key]
 
   def folds(self, cohort: multimodal.MultimodalCohort) -> list[splits_lib.Split]:
@@ -467,8 +473,9 @@ def write_table(df: pd.DataFrame, out: pathlib.Path) -> None:
   n_folds = df["fold"].nunique()
   text = [f"Test C-index (Harrell), mean ± SD (ddof=1) over {n_folds} patient-level folds",
           "", to_markdown(test), "",
-          "Validation C-index of the selected model (selection used the validation loss, "
-          "or for Coxnet the validation C-index over the alpha path):", "", to_markdown(val), ""]
+          "Validation C-index of the selected models (each config's ``selection``; Coxnet: "
+          "the best validation C-index over the alpha path; a maximum over epochs or alphas "
+          "is optimistic):", "", to_markdown(val), ""]
   (out / "table.md").write_text("\n".join(text))
 
 
@@ -670,7 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
   folds = None if args.folds is None else [int(f) for f in args.folds]
-  cache = CohortCache(n_folds=args.n_folds, fold_seed=args.fold_seed)
+  from configs.fusion import base_config
+  # Coxnet entries name only a modality set: their WSI bags are those of the
+  # deep models' configs (the local variant keeps at most 64 tiles).
+  wsi_kwargs = dict(base_config("concat", "wsi", local=not args.paper).data.wsi_kwargs)
+  cache = CohortCache(n_folds=args.n_folds, fold_seed=args.fold_seed, wsi_kwargs=wsi_kwargs)
   t0 = time.time()
   if args.command == "table":
     entries = []

@@ -352,7 +352,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array, lr: 
   params = jax.tree.map(lambda p, u: p - lr * u, state.params, direction)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, {"loss": total, "data_loss": d, "l1": reg,
-                     "grad_norm": optax.global_norm(grads)}
+                     "grad_norm": optax.tree.norm(grads)}
 
 
 def predict_fn(params, inputs, presence, *, model: nn.Module) -> dict:

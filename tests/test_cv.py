@@ -1,0 +1,202 @@
+"""Tests for jaxsurv.cv: the cross-validation driver, Coxnet baseline and tables.
+
+Synthetic cohorts stand in for TCGA-BRCA (``CohortCache(loader=...)``); the
+Coxnet baseline is checked against scikit-survival used directly, the table
+layout against hand-computed means and SDs.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.preprocessing import StandardScaler
+from sksurv.linear_model import CoxnetSurvivalAnalysis
+from sksurv.metrics import concordance_index_censored
+from sksurv.util import Surv
+
+from configs import fusion as fusion_configs
+from jaxsurv import cv
+from jaxsurv.data import multimodal as mm
+
+
+def synthetic_loader(n=90, seed=0):
+  """A ``load_tcga_brca``-like loader over synthetic tabular modalities."""
+
+  def load(modalities=("clinical", "rna"), wsi=None, seed_=0, **_):
+    rng = np.random.default_rng(seed)
+    ids = np.array([f"p{i:03d}" for i in range(n)])
+    clin = rng.normal(size=(n, 3)).astype(np.float32)
+    rna = rng.normal(size=(n, 6)).astype(np.float32)
+    rna[:, 0] += clin[:, 0]  # Some shared signal.
+    duration = rng.exponential(1000 * np.exp(-0.8 * clin[:, 0] - 0.3 * rna[:, 1])) + 1
+    event = (rng.random(n) < 0.5).astype(int)
+    all_tab = {"clinical": clin, "rna": rna}
+    tab = {m: all_tab[m] for m in modalities}
+    return mm.MultimodalCohort(ids, tab, {}, {m: np.ones(n, bool) for m in tab}, duration,
+                               event)
+
+  return lambda modalities, wsi=None, seed=0, **kw: load(tuple(modalities), wsi, seed, **kw)
+
+
+def tiny(model, modalities="clinical+rna", **over):
+  c = fusion_configs.base_config(model, modalities, local=True)
+  c.num_epochs = 2
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.progress_bar = False
+  if model == "unimodal":
+    c.model.update(snn_hidden=(4,))
+  else:
+    c.model.update(embed_dim=4, snn_hidden=(4,), hidden=(4,))
+  for k, v in over.items():
+    c[k] = v
+  return c
+
+
+def _cache():
+  return cv.CohortCache(n_folds=3, fold_seed=0, val_fraction=0.2, loader=synthetic_loader())
+
+
+def test_run_table_wires_train_rows_and_writes_the_table(tmp_path, monkeypatch):
+  cache = _cache()
+  calls = []
+  real_fit = mm.FoldTransform.fit.__func__
+
+  def spy(cls, cohort, train, **kw):
+    calls.append((kw.get("fold"), np.asarray(train).copy(), cohort.n_patients))
+    return real_fit(cls, cohort, train, **kw)
+
+  monkeypatch.setattr(mm.FoldTransform, "fit", classmethod(spy))
+  entries = [cv.Entry("concat", "clinical+rna", tiny("concat")),
+             cv.Entry("coxnet", "clinical+rna"), cv.Entry("coxnet", "clinical")]
+  df = cv.run_table(entries, tmp_path, cache=cache, progress=False)
+  cohort = cache.cohort("clinical+rna")
+  folds = cache.folds(cohort)
+  assert len(calls) == 3 * 3
+  for fold, train, _ in calls:
+    idx = cohort.indices(folds[fold])
+    np.testing.assert_array_equal(np.sort(train), np.sort(idx["train"]))
+    assert not set(train) & (set(idx["test"]) | set(idx["val"]))
+  # Per-fold outputs and the long table.
+  assert len(df) == 9 and set(df["fold"]) == {0, 1, 2}
+  for k in range(3):
+    res = json.loads((tmp_path / "runs" / "concat__clinical-rna" / f"fold{k}" /
+                      "results.json").read_text())
+    row = df[(df.model == "concat") & (df.fold == k)].iloc[0]
+    assert row["test_cindex"] == pytest.approx(res["test"]["cindex"])
+    assert res["test"]["n"] == len(folds[k].test)
+  summary = pd.read_csv(tmp_path / "summary.csv")
+  assert list(summary.columns) == ["Model", "Backbone", "Fusion", "clinical+rna", "clinical"]
+  assert list(summary["Model"]) == ["Concatenation", "Coxnet"]
+  assert summary.loc[0, "clinical"] == "–"
+  md = (tmp_path / "table.md").read_text()
+  assert "| Model | Backbone | Fusion | clinical+rna | clinical |" in md
+  # Resume: a second run with the same configs reuses every fold.
+  before = (tmp_path / "runs" / "concat__clinical-rna" / "fold0" / "results.json").stat()
+  cv.run_table(entries[:1], tmp_path / ".", cache=cache, progress=False)
+  after = (tmp_path / "runs" / "concat__clinical-rna" / "fold0" / "results.json").stat()
+  assert before.st_mtime_ns == after.st_mtime_ns
+
+
+def test_coxnet_matches_scikit_survival_directly():
+  cache = _cache()
+  cohort = cache.cohort("clinical+rna")
+  split = cache.folds(cohort)[1]
+  res = cv.coxnet_fold(cohort, split, l1_ratio=0.5, n_alphas=20, alpha_min_ratio=0.05)
+  idx = cohort.indices(split)
+  x = np.concatenate([cohort.tabular["clinical"], cohort.tabular["rna"]], 1).astype(np.float64)
+  scaler = StandardScaler().fit(x[idx["train"]])
+  y = Surv.from_arrays(cohort.event[idx["train"]].astype(bool), cohort.duration[idx["train"]])
+  ref = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=20, alpha_min_ratio=0.05,
+                               max_iter=100_000).fit(scaler.transform(x[idx["train"]]), y)
+
+  def c_of(part, alpha):
+    r = ref.predict(scaler.transform(x[idx[part]]), alpha=alpha)
+    return concordance_index_censored(cohort.event[idx[part]].astype(bool),
+                                      cohort.duration[idx[part]], r)[0]
+
+  val_c = [c_of("val", a) for a in ref.alphas_]
+  best = ref.alphas_[int(np.argmax(val_c))]  # First maximum: the larger alpha.
+  assert res["alpha"] == pytest.approx(best)
+  assert res["val"]["cindex"] == pytest.approx(max(val_c))
+  assert res["test"]["cindex"] == pytest.approx(c_of("test", best))
+  assert res["n_features"] == 9 and 0 <= res["n_nonzero"] <= 9
+
+
+def test_summary_table_means_and_sds():
+  df = pd.DataFrame({
+      "model": ["healnet"] * 3 + ["coxnet"] * 5,
+      "modalities": ["clinical+rna"] * 3 + ["clinical"] * 2 + ["clinical+rna"] * 3,
+      "fold": [0, 1, 2, 0, 1, 0, 1, 2],
+      "test_cindex": [0.7, 0.8, 0.75, 0.6, 0.7, 0.71, 0.73, None],
+  })
+  t = cv.summary_table(df)
+  assert list(t.columns) == ["Model", "Backbone", "Fusion", "clinical+rna", "clinical"]
+  assert t.loc[0, "clinical+rna"] == f"0.750 ± {np.std([0.7, 0.8, 0.75], ddof=1):.3f}"
+  assert t.loc[0, "clinical"] == "–"
+  assert t.loc[1, "clinical"] == f"0.650 ± {np.std([0.6, 0.7], ddof=1):.3f}"
+  assert t.loc[1, "clinical+rna"] == f"0.720 ± {np.std([0.71, 0.73], ddof=1):.3f}"  # None skipped.
+  md = cv.to_markdown(t)
+  assert md.splitlines()[0] == "| Model | Backbone | Fusion | clinical+rna | clinical |"
+
+
+def test_missing_masks_are_shared_and_p1_keeps_one_modality():
+  pres = {"clinical": np.ones(50, bool), "rna": np.ones(50, bool)}
+  a = cv.missing_masks(pres, 0.5, seed=0, fold=1, repeat=2)
+  b = cv.missing_masks(pres, 0.5, seed=0, fold=1, repeat=2)
+  for m in pres:
+    np.testing.assert_array_equal(a[m], b[m])
+  one = cv.missing_masks(pres, 1.0, seed=0, fold=0, repeat=0)
+  np.testing.assert_array_equal(one["clinical"].astype(int) + one["rna"], 1)
+  assert 10 < one["clinical"].sum() < 40
+  none = cv.missing_masks(pres, 0.0, seed=0, fold=0, repeat=0)
+  assert all(none[m].all() for m in pres)
+
+
+def test_run_missing_tiny(tmp_path, monkeypatch):
+  cache = _cache()
+  configs = {("concat", "clinical+rna"): tiny("concat"),
+             ("unimodal", "clinical"): tiny("unimodal", "clinical"),
+             ("unimodal", "rna"): tiny("unimodal", "rna")}
+  monkeypatch.setattr(cv, "entry_config",
+                      lambda model, mods, **kw: configs[model, mods].copy_and_resolve_references())
+  df = cv.run_missing(["concat"], "clinical+rna", tmp_path, ps=(0.0, 1.0), repeats=2,
+                      folds=[0], cache=cache, progress=False)
+  assert set(df["model"]) == {"concat", "late_unimodal"}
+  full = df[(df.model == "concat") & (df.p == 0.0)].iloc[0]
+  res = json.loads((tmp_path / "runs" / "concat__clinical-rna" / "fold0" /
+                    "results.json").read_text())
+  assert full["test_cindex"] == pytest.approx(res["test"]["cindex"])
+  assert df[df.p == 1.0]["present_fraction"].tolist() == pytest.approx([0.5, 0.5])
+  table = pd.read_csv(tmp_path / "missing.csv")
+  assert list(table.columns) == ["Model", "Missing modality handling", "all present (p=0)",
+                                 "one modality each (p=1)"]
+  # Late fusion at p=0 is the mean of the two unimodal risks: recompute it.
+  preds = {m: pd.read_csv(tmp_path / "runs" / f"unimodal__{m}" / "fold0" / "predictions.csv")
+           for m in ("clinical", "rna")}
+  t = {m: p[p.split == "test"].set_index("patient_id") for m, p in preds.items()}
+  ids = t["clinical"].index
+  risk = (t["clinical"]["risk"] + t["rna"].loc[ids, "risk"]) / 2
+  c = concordance_index_censored(t["clinical"]["event"].astype(bool),
+                                 t["clinical"]["duration"], risk.to_numpy())[0]
+  late = df[(df.model == "late_unimodal") & (df.p == 0.0)].iloc[0]
+  assert late["test_cindex"] == pytest.approx(c, rel=1e-6)
+  with pytest.raises(ValueError, match=">= 2 modalities"):
+    cv.run_missing(["concat"], "clinical", tmp_path, cache=cache)
+
+
+def test_entries_and_overrides():
+  entries = cv.parse_entries(["healnet@clinical+rna", "coxnet@rna"],
+                             overrides=["num_epochs=3", "optimizer.lr=0.01"])
+  assert entries[0].config.model_name == "healnet" and entries[0].config.num_epochs == 3
+  assert entries[0].config.optimizer.lr == 0.01 and entries[1].config is None
+  assert cv.modality_label(entries[0].config) == "clinical+rna"
+  with pytest.raises(ValueError, match="model@modalities"):
+    cv.parse_entries(["healnet"])
+  with pytest.raises(ValueError, match="unknown model"):
+    cv.parse_entries(["transformer@rna"])
+  with pytest.raises(ValueError, match="unknown config field"):
+    cv.parse_entries(["concat@rna"], overrides=["optimizer.nope=1"])
+  cfg = cv.load_config("configs/cmmmf.py:local,modalities=rna+wsi")
+  assert cv.modality_label(cfg) == "rna+wsi"
