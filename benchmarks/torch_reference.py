@@ -5,7 +5,9 @@ MMNN as described in PEERS.md §1.2-1.4 and ``jaxsurv/models/mmnn.py``), not
 from any MONAI or MMNN source. It mirrors ``jaxsurv.train.train_step`` layer
 for layer so that both frameworks do the same work:
 
-* image branch: 3D DenseNet. Stem Conv 7^3 stride 2 (no bias) -> BatchNorm ->
+* image branch: 3D DenseNet. Stem Conv k^3 stride 2 (no bias; k = 7 in
+  DenseNet-121, 3 in jaxsurv's local config; "same"-style padding
+  ((k-1)//2 before, k//2 after, as jaxsurv) -> BatchNorm ->
   ReLU -> MaxPool 3^3 stride 2 pad 1; dense blocks of layers
   BN -> ReLU -> Conv 1^3 (``bn_size * growth`` channels) -> BN -> ReLU ->
   Conv 3^3 (``growth`` channels) -> Dropout3d, concatenated onto the input;
@@ -64,11 +66,18 @@ class DenseNet3D(nn.Module):
 
   def __init__(self, in_channels: int = 2, init_features: int = 64, growth_rate: int = 32,
                block_config: Sequence[int] = (6, 12, 24, 16), bn_size: int = 4,
-               dropout_rate: float = 0.2, features: int = 12, head_dropout_rate: float = 0.2):
+               dropout_rate: float = 0.2, features: int = 12, head_dropout_rate: float = 0.2,
+               stem_kernel: int = 7):
     super().__init__()
-    layers = [nn.Conv3d(in_channels, init_features, 7, stride=2, padding=3, bias=False),
-              nn.BatchNorm3d(init_features), nn.ReLU(),
-              nn.MaxPool3d(3, stride=2, padding=1)]
+    if stem_kernel < 1:
+      raise ValueError(f"stem_kernel must be >= 1, got {stem_kernel}")
+    k = stem_kernel
+    # (left, right) padding per axis; ConstantPad3d lists the last axis first.
+    pad = [nn.ConstantPad3d(((k - 1) // 2, k // 2) * 3, 0.0)] if k % 2 == 0 else []
+    layers = pad + [nn.Conv3d(in_channels, init_features, k, stride=2,
+                              padding=0 if pad else k // 2, bias=False),
+                    nn.BatchNorm3d(init_features), nn.ReLU(),
+                    nn.MaxPool3d(3, stride=2, padding=1)]
     channels = init_features
     for b, n_layers in enumerate(block_config):
       for _ in range(n_layers):

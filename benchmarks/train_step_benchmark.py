@@ -142,7 +142,8 @@ def _load_config(name: str, grid: int | None, batch: int | None, augment: bool, 
 
 def _param_string(config) -> str:
   im, cl = config.model.image, config.model.clinical
-  return (f"DenseNet3D(init={im.init_features}, growth={im.growth_rate}, "
+  return (f"DenseNet3D(stem={im.get('stem_kernel', 7)}^3, init={im.init_features}, "
+          f"growth={im.growth_rate}, "
           f"blocks={tuple(im.block_config)}, bn_size={im.bn_size}, drop={im.dropout_rate}) + "
           f"ClinicalMLP({N_CLINICAL}->{'-'.join(map(str, cl.hidden_sizes))}->{cl.features}), "
           f"concat, 3 heads x {len(config.data.outcomes)} outcomes; "
@@ -281,7 +282,8 @@ def torch_worker(spec: dict) -> dict:
       image_kwargs=dict(init_features=im.init_features, growth_rate=im.growth_rate,
                         block_config=tuple(im.block_config), bn_size=im.bn_size,
                         dropout_rate=im.dropout_rate, features=im.features,
-                        head_dropout_rate=im.head_dropout_rate),
+                        head_dropout_rate=im.head_dropout_rate,
+                        stem_kernel=im.get("stem_kernel", 7)),
       clinical_kwargs=dict(hidden_sizes=tuple(clin.hidden_sizes), features=clin.features,
                            dropout_rate=clin.dropout_rate)).to(device)
   if cl:
@@ -569,7 +571,7 @@ def main(argv=None) -> int:
   p.add_argument("--augment", choices=["on", "off", "both"], default="both")
   p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
   p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
-  p.add_argument("--steps", type=int, default=None, help="timed steps (default local 9, paper 5)")
+  p.add_argument("--steps", type=int, default=None, help="timed steps (default local 15, paper 7)")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                  help="torch.set_num_threads (default: all cores, as XLA's CPU thread pool)")
@@ -599,7 +601,7 @@ def main(argv=None) -> int:
                      + " ".join(sys.argv[1:] if argv is None else argv)}
   print(f"load average at start: {meta['loadavg_start']}", flush=True)
   augs = {"on": [True], "off": [False], "both": [False, True]}[args.augment]
-  defaults = {"local": (2, 9), "paper": (2, 5)}
+  defaults = {"local": (2, 15), "paper": (2, 7)}
   timing = []
   pipe = None
   if "local" in args.config:
