@@ -289,6 +289,8 @@ def load_run(workdir: PathLike) -> TrainedRun:
     modalities = tuple(str(m) for m in config.model.modalities)
     channels = tuple(str(c) for c in config.data.channels)
     mask_col = config.data.mask
+    conf_grid = (tuple(int(g) for g in config.data.preprocess.grid)
+                 if "image" in modalities else None)
     _ = (config.eval.horizons_years, config.eval_batch_size, config.dtype)
     model = train.build_model(config)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -329,7 +331,6 @@ def load_run(workdir: PathLike) -> TrainedRun:
           f"{pre_path}: preprocessing fingerprint {pre['fingerprint']} of training differs from "
           f"{fingerprint} of the same settings in this jaxsurv version: the MRI pipeline changed "
           "since training, so new patients would not be preprocessed as the training patients were")
-    conf_grid = tuple(int(g) for g in config.data.preprocess.grid)
     if conf_grid != cfg.grid:
       raise RunLoadError(f"{pre_path}: grid {cfg.grid} differs from {config_path} grid {conf_grid}")
 
