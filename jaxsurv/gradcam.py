@@ -227,7 +227,8 @@ def _mmnn_layer_path(model, layer: str) -> tuple[str, ...]:
     blocks = tuple((model.image_kwargs or {}).get("block_config", (6, 12, 24, 16)))
     i = int(layer[6:])
     if not 1 <= i <= len(blocks):
-      raise ValueError(f"layer {layer!r}: the image encoder has blocks block_1..block_{len(blocks)}")
+      raise ValueError(f"layer {layer!r}: the image encoder has blocks "
+                       f"block_1..block_{len(blocks)}")
     # A dense block's output is its last dense layer's output.
     return ("image_encoder", f"block{i}_layer{blocks[i - 1]}")
   path = _module_path(layer)
@@ -352,9 +353,10 @@ def save_overlay_png(image, heat, path: PathLike, *, mask=None, title: str = "",
   Raises:
     ValueError: if the images do not share a grid size.
   """
-  import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import SimpleITK as sitk
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   imgs = {"image": image, "heat": heat}
   if mask is not None:

@@ -52,8 +52,10 @@ Outputs (``OUT/``):
   original first-channel scan, same size, origin, spacing and direction: it
   overlays the scan in 3D Slicer or ITK-SNAP), ``gradcam_<o>.png`` (the three
   orthogonal slices through the tumour centre) and ``heatmaps/heatmaps.csv``
-  (per patient and outcome: the map's un-normalised peak and the fraction
-  of its mass inside the tumour mask, on the model grid).
+  (per patient and outcome: ``risk``, the explained head's log-hazard;
+  ``peak``, the map's un-normalised maximum, 0 for an all-zero map; and
+  ``heat_in_tumour``, the fraction of the map's mass inside the tumour mask
+  on the model grid).
 """
 
 from __future__ import annotations
@@ -197,8 +199,9 @@ def _tree_differences(expected: Mapping, found: Mapping, limit: int = 12) -> lis
 
 def _checkpoint_manager(directory: pathlib.Path):
   """Read access to ``jaxsurv.train``'s checkpoints, with the same best-step rule."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  from orbax.checkpoint.checkpoint_managers import preservation_policy as pp  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
   metric = lambda m: m["val_loss"]  # Must match jaxsurv.train._checkpoint_manager.
   options = ocp.CheckpointManagerOptions(
       best_fn=metric, best_mode="min", create=False, enable_async_checkpointing=False,
@@ -231,7 +234,8 @@ def _restore_best(workdir: pathlib.Path, expected: Mapping[str, Any], config_pat
     try:
       meta_tree = mngr.item_metadata(step)["state"]
     except Exception as e:  # pylint: disable=broad-except
-      raise RunLoadError(f"{where}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+      raise RunLoadError(f"{where}: unreadable checkpoint metadata "
+                         f"({type(e).__name__}: {e})") from None
     meta_tree = getattr(meta_tree, "tree", meta_tree)
     if not isinstance(meta_tree, Mapping) or "params" not in meta_tree:
       raise CheckpointMismatchError(f"{where}: not a jaxsurv.train state (no 'params' item)")
@@ -247,7 +251,8 @@ def _restore_best(workdir: pathlib.Path, expected: Mapping[str, Any], config_pat
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise RunLoadError(f"{where}: cannot restore the checkpoint ({type(e).__name__}: {e})") from None
+      raise RunLoadError(f"{where}: cannot restore the checkpoint "
+                         f"({type(e).__name__}: {e})") from None
   state = restored["state"]
   variables = {"params": state["params"]}
   if state.get("batch_stats"):
@@ -294,7 +299,8 @@ def load_run(workdir: PathLike) -> TrainedRun:
     _ = (config.eval.horizons_years, config.eval_batch_size, config.dtype)
     model = train.build_model(config)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    raise RunLoadError(f"{config_path}: not a complete MMNN config ({type(e).__name__}: {e})") from None
+    raise RunLoadError(f"{config_path}: not a complete MMNN config "
+                       f"({type(e).__name__}: {e})") from None
 
   pre_path = workdir / "preprocess.json"
   pre = _read_json(pre_path, "fitted preprocessing")
@@ -342,7 +348,8 @@ def load_run(workdir: PathLike) -> TrainedRun:
     raise RunLoadError(f"{base_path}: unreadable baseline ({e})") from None
   unknown = sorted(set(baselines) - set(outcomes))
   if unknown:
-    raise RunLoadError(f"{base_path}: outcomes {unknown} are not the run's outcomes {list(outcomes)}")
+    raise RunLoadError(f"{base_path}: outcomes {unknown} are not the run's outcomes "
+                       f"{list(outcomes)}")
 
   image = (jax.ShapeDtypeStruct((1,) + cfg.grid + (len(channels),), jnp.float32)
            if cfg is not None else None)
@@ -459,7 +466,9 @@ def check_manifest(run: TrainedRun, manifest: PathLike | pd.DataFrame, *,
 
 
 def clinical_features(run: TrainedRun, df: pd.DataFrame) -> np.ndarray:
-  """The clinical input ``[n, features]`` float32, as in training (zeros ``[n, 1]`` without clinical data).
+  """The clinical input ``[n, features]`` float32, as in training.
+
+  Without clinical data (image-only run) it is zeros ``[n, 1]``, as in training.
 
   Raises:
     ValueError: from ``ClinicalPreprocessor.transform`` (unknown levels,
@@ -654,7 +663,8 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
         for i in rows:
           try:
             cases[i] = preprocess_patient(run, df.iloc[i])
-          except (ValueError, RuntimeError) as e:  # mri errors are ValueErrors; ITK raises RuntimeError.
+          # mri's errors are ValueErrors; ITK itself raises RuntimeError.
+          except (ValueError, RuntimeError) as e:
             failures.append(mf.Problem("preprocessing_failed", f"{type(e).__name__}: {e}",
                                        patient_id=ids[i], row=i))
         bar.update(len(rows))
@@ -711,9 +721,11 @@ def _write_patient_heatmaps(run: TrainedRun, case: mri.PreprocessedCase, res: gr
   return rows
 
 
-def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str], risk: Mapping[str, np.ndarray],
-                   cam_rows: list[dict], warnings: list[mf.Problem], step_days: float,
-                   manifest: PathLike, heatmaps: bool, layer: str, head: str) -> dict:
+def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str],
+                   risk: Mapping[str, np.ndarray], cam_rows: list[dict],
+                   warnings: list[mf.Problem], step_days: float, manifest: PathLike,
+                   heatmaps: bool, layer: str, head: str) -> dict:
+  """Writes predictions.csv, survival_curves.csv, heatmaps.csv and summary.json into ``tmp``."""
   horizons = run.horizons_years
   mm = risk["mm"]
   cols: dict[str, Any] = {"patient_id": ids}

@@ -246,7 +246,8 @@ def test_checkpoint_from_another_model_or_a_broken_run(trained, tmp_path):
     predict.load_run(other)
   other = copy("one_channel")
   _edit_json(other / "config.json", lambda d: d["data"].update(channels=["t1c"]))
-  with pytest.raises(predict.CheckpointMismatchError, match=r"conv0/kernel: model \(3, 3, 3, 1, 4\)"):
+  with pytest.raises(predict.CheckpointMismatchError,
+                     match=r"conv0/kernel: model \(3, 3, 3, 1, 4\)"):
     predict.load_run(other)
   other = copy("fusion")
   _edit_json(other / "config.json", lambda d: d.update(trainer="fusion_train"))
