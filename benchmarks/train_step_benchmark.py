@@ -16,7 +16,9 @@ For each setting (config x grid x batch x augmentation x dtype) this measures
   network, loss, blending, augmentation and optimiser (SGD + Nesterov for the
   paper config, AdamW for ``local``, gradient accumulation as configured),
   eager mode, NCDHW layout unless ``--torch-channels-last``, timed the same
-  way (``torch.cuda.synchronize`` on GPU);
+  way (``torch.cuda.synchronize`` on GPU), ``torch.set_num_threads`` equal to
+  the cores the measurement may use (``--cores``, set by CPU affinity, from
+  which XLA also sizes its thread pool);
 
 and reports compile time, median step time, samples/s, peak memory (GPU:
 ``memory_stats()['peak_bytes_in_use']`` / ``torch.cuda.max_memory_allocated``;
@@ -38,9 +40,11 @@ batch 32) and ``--config paper`` (DenseNet-121; default 32^3 batch 2 on CPU,
 
 Commands::
 
-  # CPU, all defaults: ~14 CPU-minutes, mostly the two cold DenseNet-121
-  # compiles (1-2 min each on idle cores); 25 min wall at load average 7:
-  python benchmarks/train_step_benchmark.py --write-results
+  # CPU, all defaults: ~13 CPU-minutes, mostly the two cold DenseNet-121
+  # compiles (1-2 min each on idle cores; 23-26 min wall at load average 7-10):
+  python benchmarks/train_step_benchmark.py
+  # RESULTS.md: also on 1 core (steadier on a shared machine; twice as long):
+  python benchmarks/train_step_benchmark.py --cores 2 1 --write-results
   # GPU host (jax 0.11 / Python 3.12 work unchanged): smoke test first,
   python benchmarks/train_step_benchmark.py --device-check
   # then the paper model at full size, fp32 and bf16:
@@ -155,7 +159,22 @@ def _param_string(config) -> str:
 # ----------------------------------------------------------------------------
 
 
+def _pin_cores(spec: dict) -> int:
+  """Restricts this process to its first ``spec["cores"]`` CPUs (before jax/torch start).
+
+  XLA sizes its CPU thread pool from the CPUs the process may use, and
+  torch gets the same number of threads, so both frameworks run on the same
+  cores. Returns the number of usable CPUs.
+  """
+  allowed = sorted(os.sched_getaffinity(0))
+  cores = spec.get("cores") or len(allowed)
+  if cores < len(allowed):
+    os.sched_setaffinity(0, set(allowed[:cores]))
+  return len(os.sched_getaffinity(0))
+
+
 def _jax_setup(spec: dict):
+  _pin_cores(spec)
   import jax
   if spec.get("compile_cache"):
     jax.config.update("jax_compilation_cache_dir", spec["compile_cache"])
@@ -248,6 +267,7 @@ def jax_worker(spec: dict) -> dict:
 
   dev = jax.devices()[0]
   out = {"framework": "jaxsurv", "spec": spec, "backend": jax.default_backend(),
+         "cores": len(os.sched_getaffinity(0)),
          "device_kind": dev.device_kind, "n_devices": n_dev, "n_params": n_params,
          "params": _param_string(config), "lower_s": t1 - t0, "compile_s": t2 - t1,
          **_stats(times), "last_loss": loss, "peak_rss_mib": _peak_rss_mib(),
@@ -264,14 +284,14 @@ def jax_worker(spec: dict) -> dict:
 
 def torch_worker(spec: dict) -> dict:
   """Times the PyTorch reference step for one setting (grid/batch already resolved)."""
+  cores = _pin_cores(spec)
   import torch
   import torch_reference as ref
 
   config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
                         spec["dtype"])
   torch.manual_seed(config.seed)
-  if spec.get("torch_threads"):
-    torch.set_num_threads(spec["torch_threads"])
+  torch.set_num_threads(cores)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   if device.type == "cuda":
     torch.backends.cudnn.benchmark = True
@@ -402,11 +422,11 @@ def _fmt(x, spec=".2f", scale=1.0):
 
 def markdown_table(rows: list[dict]) -> str:
   """One row per setting; step times as "median (min)" in ms."""
-  lines = ["| config | grid | batch | augment | dtype | jaxsurv trace+lower s | jaxsurv compile s | "
+  lines = ["| config | grid | batch | augment | dtype | cores | jaxsurv trace+lower s | jaxsurv compile s | "
            "jaxsurv step ms, median (min) | jaxsurv samples/s | jaxsurv peak MiB | XLA temp MiB | "
            "torch step ms, median (min) | torch samples/s | torch peak MiB | "
            "jaxsurv/torch step time, median (min) |",
-           "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     j, t = r.get("jaxsurv") or {}, r.get("torch") or {}
     mem_j = j.get("peak_device_mib", j.get("peak_rss_mib"))
@@ -415,7 +435,7 @@ def markdown_table(rows: list[dict]) -> str:
                       f"({_fmt(d.get('step_s_min'), '.0f', 1e3)})")
     lines.append(
         f"| {r['config']} | {r['grid']}^3 | {r['batch']} | {'on' if r['augment'] else 'off'} | "
-        f"{r['dtype']} | {_fmt(j.get('lower_s'), '.1f')} | {_fmt(j.get('compile_s'), '.1f')} | "
+        f"{r['dtype']} | {r.get('cores', '–')} | {_fmt(j.get('lower_s'), '.1f')} | {_fmt(j.get('compile_s'), '.1f')} | "
         f"{step(j)} | {_fmt(j.get('samples_per_s'), '.2f')} | "
         f"{_fmt(mem_j, '.0f')} | {_fmt(j.get('xla_temp_mib'), '.0f')} | "
         f"{step(t)} | {_fmt(t.get('samples_per_s'), '.2f')} | "
@@ -470,7 +490,8 @@ def pipeline_notes(rows: list[dict], pipe: dict | None, results_md: pathlib.Path
       ratio = sps / rate
       parts.append(f"{reader} at {grid} (Input pipeline section) {sps:.0f} samples/s = "
                    f"{ratio:.1f}x ({'>= 5x' if ratio >= 5 else '**< 5x**'})")
-    notes.append(f"Train step at local {r['grid']}^3 batch {r['batch']}, augmentation "
+    notes.append(f"Train step at local {r['grid']}^3 batch {r['batch']}, {r.get('cores')} "
+                 f"core(s), augmentation "
                  f"{'on (as configured)' if r['augment'] else 'off'}, {r['dtype']}: "
                  f"**{rate:.1f} samples/s**; " + "; ".join(parts) + ".")
   return notes
@@ -499,7 +520,6 @@ def section_text(rows, pipe, notes, meta) -> str:
   dk = sorted({(r.get("jaxsurv") or {}).get("device_kind", "?") for r in rows})
   jv = next(((r.get("jaxsurv") or {}).get("jax_version") for r in rows if r.get("jaxsurv")), "?")
   tv = next(((r.get("torch") or {}).get("torch_version") for r in rows if r.get("torch")), "?")
-  tt = next(((r.get("torch") or {}).get("threads") for r in rows if r.get("torch")), "?")
   layout = next(((r.get("torch") or {}).get("layout") for r in rows if r.get("torch")), "?")
   la0, la1 = meta["loadavg_start"], meta["loadavg_end"]
   noisy = max(la0[0], la1[0]) > 0.5 * meta["cores"]
@@ -509,12 +529,18 @@ def section_text(rows, pipe, notes, meta) -> str:
       f"(commit {_commit()}).", "",
       f"* Machine: {meta['cpu']}, {meta['cores']} cores; JAX devices: {', '.join(dk)}; "
       f"Python {platform.python_version()}.",
-      f"* Packages: jax/jaxlib {jv}, torch {tv} (eager, {tt} threads, {layout}).",
+      f"* Packages: jax/jaxlib {jv}, torch {tv} (eager, {layout}, "
+      "`torch.set_num_threads` = the row's cores).",
+      "* Cores: each measurement runs in its own process pinned (CPU affinity) to the row's "
+      "number of cores; XLA sizes its CPU thread pool from them.",
       f"* Command: `{meta['command']}`",
       "* Load average (1, 5, 15 min): start " + ", ".join(f"{x:.2f}" for x in la0)
       + "; end " + ", ".join(f"{x:.2f}" for x in la1) + "."
       + (" **The machine is shared with other jobs and was loaded: CPU timings are noisy "
-         "(probably inflated, up to ~2x).**" if noisy else ""),
+         "(probably inflated, up to ~2x).** With more runnable threads than cores, "
+         "multi-threaded steps (torch's OpenMP regions in particular) can stall at every "
+         "thread barrier, so medians on several cores swing widely between runs; the 1-core rows "
+         "and the minima are the steadier comparison." if noisy else ""),
       "* jaxsurv: `jaxsurv.train.train_step` jitted as `Trainer` does (`donate_argnums=(0,)`, "
       "batch `NamedSharding` over a `(\"data\",)` mesh, replicated state); persistent "
       "compilation cache off, so compile times are cold. Torch: "
@@ -573,8 +599,9 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
   p.add_argument("--steps", type=int, default=None, help="timed steps (default local 15, paper 7)")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-  p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
-                 help="torch.set_num_threads (default: all cores, as XLA's CPU thread pool)")
+  p.add_argument("--cores", type=int, nargs="+", default=[len(os.sched_getaffinity(0))],
+                 help="CPU cores per measurement (affinity; torch threads = cores, XLA sizes its "
+                      "pool from them); several values repeat every setting (default: all)")
   p.add_argument("--torch-channels-last", action="store_true")
   p.add_argument("--pipeline-patients", type=int, default=512)
   p.add_argument("--pipeline-batches", type=int, default=100)
@@ -614,26 +641,27 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else defaults[name][0]
     steps = args.steps if args.steps is not None else defaults[name][1]
     timing.append(f"{name}: {warmup} warm-up + {steps} timed steps")
-    for dtype in args.dtype:
-      for aug in augs:
-        spec = {"config": name, "grid": args.grid, "batch": args.batch, "augment": aug,
-                "dtype": dtype, "warmup": warmup, "steps": steps,
-                "compile_cache": args.compile_cache, "torch_threads": args.torch_threads,
-                "torch_channels_last": args.torch_channels_last}
-        j = _run_worker("jax", spec, args.timeout)
-        resolved = j.get("spec", spec)
-        row = {"config": name, "grid": resolved["grid"], "batch": resolved["batch"],
-               "augment": aug, "dtype": dtype, "jaxsurv": j}
-        if not args.no_torch and "error" not in j:
-          t = _run_worker("torch", resolved, args.timeout)
-          row["torch"] = t
-          if "step_s_median" in t:
-            row["ratio_jax_over_torch"] = j["step_s_median"] / t["step_s_median"]
-            row["ratio_min_jax_over_torch"] = j["step_s_min"] / t["step_s_min"]
-            if t["n_params"] != j["n_params"]:
-              row["param_mismatch"] = f"jaxsurv {j['n_params']} vs torch {t['n_params']}"
-        rows.append(row)
-        print(RESULT_TAG + json.dumps(row), flush=True)
+    for cores in args.cores:
+      for dtype in args.dtype:
+        for aug in augs:
+          spec = {"config": name, "grid": args.grid, "batch": args.batch, "augment": aug,
+                  "dtype": dtype, "warmup": warmup, "steps": steps, "cores": cores,
+                  "compile_cache": args.compile_cache,
+                  "torch_channels_last": args.torch_channels_last}
+          j = _run_worker("jax", spec, args.timeout)
+          resolved = j.get("spec", spec)
+          row = {"config": name, "grid": resolved["grid"], "batch": resolved["batch"],
+                 "augment": aug, "dtype": dtype, "cores": j.get("cores", cores), "jaxsurv": j}
+          if not args.no_torch and "error" not in j:
+            t = _run_worker("torch", resolved, args.timeout)
+            row["torch"] = t
+            if "step_s_median" in t:
+              row["ratio_jax_over_torch"] = j["step_s_median"] / t["step_s_median"]
+              row["ratio_min_jax_over_torch"] = j["step_s_min"] / t["step_s_min"]
+              if t["n_params"] != j["n_params"]:
+                row["param_mismatch"] = f"jaxsurv {j['n_params']} vs torch {t['n_params']}"
+          rows.append(row)
+          print(RESULT_TAG + json.dumps(row), flush=True)
   meta["loadavg_end"] = os.getloadavg()
   meta["timing"] = "; ".join(timing)
   print(f"load average at end: {meta['loadavg_end']}", flush=True)
