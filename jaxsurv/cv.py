@@ -128,7 +128,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
   """Applies ``"a.b=value"`` overrides (values parsed as Python literals if possible).
 
   Raises:
-    ValueError: malformed override or unknown field.
+    ValueError: malformed override or unknown field (``model.*`` may add
+      model kwargs; ``build_model`` checks them).
   """
   for item in overrides:
     key, sep, raw = item.partition("=")
@@ -144,7 +145,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       if p not in node:
         raise ValueError(f"override {item!r}: unknown config field {p!r}")
       node = node[p]
-    if leaf not in node:
+    # config.model holds model kwargs: any field of the model class may be
+    # added (build_model rejects unknown ones); elsewhere the field must exist.
+    if leaf not in node and parents != ["model"]:
       raise ValueError(f"override {item!r}: unknown config field {leaf!r}")
     if isinstance(value, list):
       value = tuple(value)

@@ -23,10 +23,12 @@
    per patient (never all of a patient's modalities) and Gaussian input noise
    (CM-MMF §3.4).
 3. Selection (``config.selection``): the data loss (no L1; HEALNet's
-   criterion) or Harrell's C on the whole validation part after every epoch;
-   the best parameters are copied to the host (a deep copy, unlike the peer's
-   ``state_dict().copy()``), early stopping after ``patience`` epochs without
-   improvement. The test part is never looked at before the end.
+   criterion) or Harrell's C on the whole validation part after every epoch,
+   or simply the last epoch (PORPOISE; the validation part is then only
+   monitored); the best parameters are copied to the host (a deep copy,
+   unlike the peer's ``state_dict().copy()``), early stopping after
+   ``patience`` epochs without improvement. The test part is never looked at
+   before the end.
 4. Evaluation of the best parameters on the validation and test parts:
    Harrell's C of the risk score (``-sum_k S_k`` for the time-bin models,
    PEERS.md §3.4; the log-hazard for Cox), ``results.json``,
@@ -72,8 +74,9 @@ LOSSES = ("nll", "cox")
 SCHEDULES = ("onecycle", "cosine", "constant")
 OPTIMIZERS = ("adam", "adamw")
 # Model selection / early stopping on the validation part: the data loss
-# (HEALNet) or Harrell's C (both never look at the test part).
-SELECTIONS = ("val_loss", "val_cindex")
+# (HEALNet) or Harrell's C, or the last epoch (PORPOISE; the validation part
+# is then only monitored). None of them looks at the test part.
+SELECTIONS = ("val_loss", "val_cindex", "last")
 
 # How each model treats a missing modality (documented for the tables).
 MISSING_BEHAVIOUR = {
@@ -643,8 +646,12 @@ class FusionTrainer:
              "train_l1": means["l1"], "grad_norm": means["grad_norm"], "val_loss": val_loss,
              "val_cindex": val_c, "lr": lr, "seconds": time.time() - t0}
       history.append(rec)
-      score = val_loss if selection == "val_loss" else (-val_c if math.isfinite(val_c)
-                                                       else math.inf)
+      if selection == "val_loss":
+        score = val_loss
+      elif selection == "val_cindex":
+        score = -val_c if math.isfinite(val_c) else math.inf
+      else:  # "last": every epoch replaces the previous one.
+        score = -float(epoch)
       rec["selection_score"] = score
       if best[2] is None or score < best[0] - float(c.early_stopping.get("min_delta", 0.0)):
         # Deep host copy: the device buffers are donated to the next step.
