@@ -83,26 +83,30 @@ def _cox_nll_1d(risk: Array, duration: Array, event: Array, mask: Array,
                 efron: bool) -> tuple[Array, Array]:
   """Negative log partial likelihood of one outcome: returns (sum, n_events).
 
-  O(n log n): sort by duration, reverse log-cumsum-exp for the risk sets, and
-  ``searchsorted(..., 'left')`` so every member of a tied group shares the
-  risk set {j : T_j >= t}, censored subjects at t included.
+  O(n log n): one sort by duration, a reverse log-cumsum-exp for the risk
+  sets, and the first index of each tie group so every member of a tied group
+  shares the risk set {j : T_j >= t}, censored subjects at t included.
   """
   dtype = jnp.result_type(risk.dtype, jnp.float32)
   risk = jnp.where(mask, risk.astype(dtype), 0.0)  # Padding may hold NaN.
   ev = jnp.logical_and(event.astype(bool), mask)
   # Padding sorts first with key -inf, so it never enters a real risk set.
   key = jnp.where(mask, duration.astype(dtype), -jnp.inf)
-  # Sort by (duration ascending, events first): events of a tie group then
-  # occupy consecutive positions starting at the group's first index.
-  order = jnp.lexsort((jnp.logical_not(ev), key))
-  t, eta, d = key[order], risk[order], ev[order]
-  log_risk_set = jax.lax.cumlogsumexp(eta, axis=0, reverse=True)
-  first = jnp.searchsorted(t, t, side="left")
+  # One sort on a single float key carries eta and the events along (no
+  # gathers); the order inside a tie group does not matter below.
+  t, eta, d = jax.lax.sort((key, risk, ev.astype(dtype)), num_keys=1)
+  d = d > 0
+  n = eta.shape[0]
+  pos = jnp.arange(n)
+  # log sum_{j >= i} exp(eta_j); an associative scan is faster than
+  # lax.cumlogsumexp on CPU and as stable (logaddexp is exact-shifted).
+  log_risk_set = jax.lax.associative_scan(jnp.logaddexp, eta, reverse=True)
+  # First index of each tie group in O(n): running max of the group starts.
+  starts = jnp.concatenate([jnp.ones((1,), bool), t[1:] != t[:-1]])
+  first = jax.lax.cummax(jnp.where(starts, pos, 0))
   log_r = log_risk_set[first]
   terms = eta - log_r
   if efron:
-    n = eta.shape[0]
-    pos = jnp.arange(n)
     # Tie group k is identified by its first index; D_k = sum of exp(eta)
     # over the events of the group, computed stably with a group max.
     neg_inf = jnp.array(-jnp.inf, dtype)
@@ -115,7 +119,9 @@ def _cox_nll_1d(risk: Array, duration: Array, event: Array, mask: Array,
     scaled = jnp.where(d, jnp.exp(shifted), 0.0)
     dsum = jax.ops.segment_sum(scaled, first, num_segments=n)
     m = jax.ops.segment_sum(d.astype(dtype), first, num_segments=n)[first]
-    rank = (pos - first).astype(dtype)  # 0..m-1 for the events of a group.
+    # Rank 0..m-1 of each event among its group's events.
+    cum = jnp.cumsum(d.astype(jnp.int32))
+    rank = (cum - 1 - (cum[first] - d[first].astype(jnp.int32))).astype(dtype)
     log_d = jnp.log(jnp.where(d, dsum[first], 1.0)) + jax.lax.stop_gradient(gmax)[first]
     frac = jnp.where(d, rank / jnp.maximum(m, 1.0), 0.0)
     # log(R - (r/m) D) = log R + log1p(-(r/m) D/R); D <= R and r/m < 1, so the

@@ -199,17 +199,8 @@ def _tree_differences(expected: Mapping, found: Mapping, limit: int = 12) -> lis
 
 def _checkpoint_manager(directory: pathlib.Path):
   """Read access to ``jaxsurv.train``'s checkpoints, with the same best-step rule."""
-  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp
-  from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
-  metric = lambda m: m["val_loss"]  # Must match jaxsurv.train._checkpoint_manager.
-  options = ocp.CheckpointManagerOptions(
-      best_fn=metric, best_mode="min", create=False, enable_async_checkpointing=False,
-      preservation_policy=pp.AnyPreservationPolicy(
-          [pp.LatestN(n=1), pp.BestN(get_metric_fn=metric, reverse=True, n=1)]))
-  return ocp.CheckpointManager(
-      directory, options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  from jaxsurv import train  # pylint: disable=import-outside-toplevel
+  return train.checkpoint_manager(directory, create=False)
 
 
 def _restore_best(workdir: pathlib.Path, expected: Mapping[str, Any], config_path: pathlib.Path):

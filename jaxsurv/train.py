@@ -319,15 +319,23 @@ def _holdout(ids: np.ndarray, table: pd.DataFrame, fraction: float, seed: int):
 # ----------------------------------------------------------------------------
 
 
-def _checkpoint_manager(workdir: pathlib.Path) -> ocp.CheckpointManager:
+def checkpoint_manager(directory: pathlib.Path, *, create: bool = True) -> ocp.CheckpointManager:
+  """The run's Orbax manager: keeps the latest checkpoint and the best one.
+
+  "Best" is the lowest ``val_loss`` (the unweighted multimodal-head Cox loss
+  over the whole validation split). Items: ``state`` (TrainState) and
+  ``meta`` (JSON). ``jaxsurv.predict`` opens runs with ``create=False``.
+  """
   from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
   metric = lambda m: m["val_loss"]
   options = ocp.CheckpointManagerOptions(
-      best_fn=metric, best_mode="min",
+      best_fn=metric, best_mode="min", create=create,
       preservation_policy=pp.AnyPreservationPolicy(
           [pp.LatestN(n=1), pp.BestN(get_metric_fn=metric, reverse=True, n=1)]),
       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
 def _abstract(tree, sharding):
@@ -453,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   history: list[dict] = []
   start_epoch = 0
 
-  with _checkpoint_manager(workdir) as mngr:
+  with checkpoint_manager(workdir / "checkpoints") as mngr:
     latest = mngr.latest_step()
     if latest is not None:
       restored = mngr.restore(latest, args=ocp.args.Composite(
