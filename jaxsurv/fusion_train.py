@@ -46,7 +46,7 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -187,6 +187,25 @@ def build_model(config: ml_collections.ConfigDict, modalities) -> nn.Module:
   return cls(**kwargs)
 
 
+def _optimizer_spec(config) -> tuple:
+  """The hashable settings ``make_optimizer`` depends on."""
+  o = config.optimizer
+  if o.name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {o.name!r}")
+  return (o.name, float(o.weight_decay or 0.0), float(o.get("b1", 0.9)),
+          float(o.get("b2", 0.999)), float(o.get("clip_norm") or 0.0))
+
+
+def _optimizer_from_spec(spec: tuple) -> optax.GradientTransformation:
+  name, wd, b1, b2, clip = spec
+  parts = [optax.clip_by_global_norm(clip)] if clip else []
+  if name == "adam":
+    parts += ([optax.add_decayed_weights(wd)] if wd else []) + [optax.scale_by_adam(b1=b1, b2=b2)]
+  else:
+    parts += [optax.scale_by_adam(b1=b1, b2=b2)] + ([optax.add_decayed_weights(wd)] if wd else [])
+  return optax.chain(*parts)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Optax direction without the learning rate (the step multiplies by ``-lr``).
 
@@ -199,21 +218,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   Raises:
     ValueError: unknown optimiser name.
   """
-  o = config.optimizer
-  if o.name not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {o.name!r}")
-  parts = []
-  if o.get("clip_norm"):
-    parts.append(optax.clip_by_global_norm(o.clip_norm))
-  if o.name == "adam":
-    if o.weight_decay:
-      parts.append(optax.add_decayed_weights(o.weight_decay))
-    parts.append(optax.scale_by_adam(b1=o.get("b1", 0.9), b2=o.get("b2", 0.999)))
-  else:
-    parts.append(optax.scale_by_adam(b1=o.get("b1", 0.9), b2=o.get("b2", 0.999)))
-    if o.weight_decay:
-      parts.append(optax.add_decayed_weights(o.weight_decay))
-  return optax.chain(*parts)
+  return _optimizer_from_spec(_optimizer_spec(config))
 
 
 def lr_schedule(config: ml_collections.ConfigDict, total_steps: int) -> Callable[[int], float]:
@@ -428,6 +433,21 @@ def _set_output_bias(params, bias: np.ndarray):
                    f"parameters (top-level keys {sorted(params)})")
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(model: nn.Module, opt_spec: tuple, step_spec: tuple):
+  """``(tx, jitted train step, jitted predict, jitted init)`` per static setting.
+
+  Cached on the (hashable) model and settings, so trainers with the same
+  model, optimiser and loss options share one compilation (e.g. the entries
+  of ``jaxsurv.cv`` that differ only in epochs or selection).
+  """
+  tx = _optimizer_from_spec(opt_spec)
+  step = functools.partial(train_step, model=model, tx=tx, **dict(step_spec))
+  return (tx, jax.jit(step, donate_argnums=(0,)),
+          jax.jit(functools.partial(predict_fn, model=model)),
+          jax.jit(functools.partial(model.init, train=False)))
+
+
 def _take(tree, idx):
   return jax.tree.map(lambda a: a[idx], tree)
 
@@ -473,7 +493,6 @@ class FusionTrainer:
     self.config = config
     self.modalities = tuple(modalities)
     self.model = build_model(config, self.modalities)
-    self.tx = make_optimizer(config)
     devices = jax.devices()
     self.mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     self.repl = NamedSharding(self.mesh, P())
@@ -488,14 +507,13 @@ class FusionTrainer:
     rate = float(config.train.get("modality_dropout", 0.0))
     if not 0.0 <= rate <= 1.0:
       raise ValueError(f"config.train.modality_dropout must be in [0, 1], got {rate}")
-    step = functools.partial(
-        train_step, model=self.model, tx=self.tx, loss=lc.name, alpha=float(lc.alpha),
-        use_bin_weights=bool(lc.bin_weights), ties=lc.get("ties", "breslow"),
-        l1=float(lc.l1), l1_include=lc.get("l1_include", "all"), modality_dropout=rate,
-        input_noise=float(config.train.get("input_noise", 0.0)))
-    self.train_step = jax.jit(step, donate_argnums=(0,))
-    self.predict = jax.jit(functools.partial(predict_fn, model=self.model))
-    self._init = jax.jit(functools.partial(self.model.init, train=False))
+    step_spec = (("loss", lc.name), ("alpha", float(lc.alpha)),
+                 ("use_bin_weights", bool(lc.bin_weights)), ("ties", lc.get("ties", "breslow")),
+                 ("l1", float(lc.l1)), ("l1_include", lc.get("l1_include", "all")),
+                 ("modality_dropout", rate),
+                 ("input_noise", float(config.train.get("input_noise", 0.0))))
+    self.tx, self.train_step, self.predict, self._init = _compiled(
+        self.model, _optimizer_spec(config), step_spec)
 
   # -- data ------------------------------------------------------------------
 

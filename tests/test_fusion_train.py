@@ -17,7 +17,6 @@ import pytest
 
 from configs import fusion as fusion_configs
 from jaxsurv import fusion_train as ft
-from jaxsurv.data import bags as bags_lib
 from jaxsurv.data import multimodal as mm
 from jaxsurv.losses import discrete_time_nll
 from jaxsurv.models.healnet import l1_penalty
@@ -78,7 +77,8 @@ def _split(cohort, fold=0, n_folds=3):
 @pytest.fixture(scope="module")
 def concat_trainer():
   cohort = synthetic_cohort()
-  cfg = tiny_config("concat", selection="val_loss", **{"early_stopping.patience": 0})
+  cfg = tiny_config("concat", selection="val_loss",
+                    **{"early_stopping.patience": 0, "loss.l1": 1e-3})
   return ft.FusionTrainer(cfg, ft.model_modalities(cohort)), cohort
 
 
@@ -156,8 +156,10 @@ def test_selection_is_argmin_val_loss_and_ignores_the_test_part(concat_trainer):
 def test_early_stopping_on_val_cindex(concat_trainer):
   _, cohort = concat_trainer
   cfg = tiny_config("concat", num_epochs=6, selection="val_cindex",
-                    **{"early_stopping.patience": 1})
+                    **{"early_stopping.patience": 1, "loss.l1": 1e-3})
   trainer = ft.FusionTrainer(cfg, ft.model_modalities(cohort))
+  # Same model, optimiser and loss: the compiled step is shared.
+  assert trainer.train_step is concat_trainer[0].train_step
   run = trainer.fit(cohort, _split(cohort))
   cs = [h["val_cindex"] for h in run.history]
   assert run.best_epoch == int(np.argmax(cs))
@@ -166,9 +168,8 @@ def test_early_stopping_on_val_cindex(concat_trainer):
 
 
 def test_train_step_adds_l1_once_and_pads_with_masked_rows(concat_trainer):
-  trainer, cohort = concat_trainer
-  cfg = tiny_config("concat", **{"loss.l1": 1e-3})
-  tr = ft.FusionTrainer(cfg, ft.model_modalities(cohort))
+  tr, cohort = concat_trainer
+  cfg = tr.config
   split = _split(cohort)
   idx = cohort.indices(split)
   tf = mm.FoldTransform.fit(cohort, idx["train"])
