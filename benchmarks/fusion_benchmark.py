@@ -51,19 +51,15 @@ HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+import common  # pylint: disable=wrong-import-position
 
 WIDTHS = {"clinical": 20, "rna": 200}  # TCGA-BRCA feature counts.
 N_BINS = 4
 
 
 def _cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
+  return common.cpu_model()
 
 
 def synthetic_batch(seed: int, batch: int) -> dict:

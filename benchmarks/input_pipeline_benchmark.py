@@ -36,7 +36,6 @@ import dataclasses
 import os
 import pathlib
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -46,6 +45,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # pylint: disable=wrong-import-position
 
 from jaxsurv.data import prepare  # pylint: disable=wrong-import-position
 
@@ -220,13 +221,7 @@ def _commit() -> str:
 
 def write_section(path: pathlib.Path, text: str) -> None:
   """Replaces (or appends) the ``## Input pipeline`` section of RESULTS.md, leaving others alone."""
-  old = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-  pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(old):
-    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
-  else:
-    new = old.rstrip("\n") + "\n\n" + text
-  path.write_text(new.rstrip("\n") + "\n")
+  common.write_section(path, SECTION, text)
 
 
 def main(argv=None) -> int:

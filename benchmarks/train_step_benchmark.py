@@ -79,6 +79,7 @@ REPO = HERE.parent
 for _p in (str(REPO), str(HERE)):
   if _p not in sys.path:
     sys.path.insert(0, _p)
+import common  # pylint: disable=wrong-import-position
 
 SECTION = "Train step"
 N_CLINICAL = 11  # MMNN's clinical input width (standardised, imputed variables).
@@ -96,13 +97,7 @@ def _peak_rss_mib() -> float:
 
 
 def _cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
+  return common.cpu_model()
 
 
 def _stats(times: list[float]) -> dict:
@@ -499,13 +494,7 @@ def pipeline_notes(rows: list[dict], pipe: dict | None, results_md: pathlib.Path
 
 def write_section(path: pathlib.Path, text: str) -> None:
   """Replaces (or appends) the ``## Train step`` section of RESULTS.md, leaving others alone."""
-  old = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-  pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(old):
-    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
-  else:
-    new = old.rstrip("\n") + "\n\n" + text
-  path.write_text(new.rstrip("\n") + "\n")
+  common.write_section(path, SECTION, text)
 
 
 def _commit() -> str:
