@@ -325,7 +325,10 @@ def checkpoint_manager(directory: pathlib.Path, *, create: bool = True) -> ocp.C
   "Best" is the lowest ``val_loss`` (the unweighted multimodal-head Cox loss
   over the whole validation split). Items: ``state`` (TrainState) and
   ``meta`` (JSON). ``jaxsurv.predict`` opens runs with ``create=False``.
+  A relative ``directory`` is taken from the current directory (Orbax itself
+  accepts only absolute paths).
   """
+  directory = pathlib.Path(directory).absolute()
   from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
   metric = lambda m: m["val_loss"]
   options = ocp.CheckpointManagerOptions(

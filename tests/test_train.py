@@ -141,12 +141,14 @@ def test_end_to_end_run_and_resume(cache, monkeypatch):
       raise KeyboardInterrupt("simulated kill")
     return real_order(seed, epoch, idx)
   monkeypatch.setattr(train, "_epoch_order", interrupted)
+  # The resumed run uses a relative workdir, as in the README's command.
+  monkeypatch.chdir(cache)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(_tiny_config(), str(cache / "resumed"))
+    train.train_and_evaluate(_tiny_config(), "resumed")
   assert (cache / "resumed" / "checkpoints").exists()
   assert not (cache / "resumed" / "results.json").exists()
   monkeypatch.setattr(train, "_epoch_order", real_order)
-  resumed = train.train_and_evaluate(_tiny_config(), str(cache / "resumed"))
+  resumed = train.train_and_evaluate(_tiny_config(), "resumed")
   assert resumed["best_epoch"] == full["best_epoch"]
   for split in ("val", "test"):
     for o in ("os", "dm"):
