@@ -32,9 +32,10 @@
 4. Evaluation of the best parameters on the validation and test parts:
    Harrell's C of the risk score (``-sum_k S_k`` for the time-bin models,
    PEERS.md §3.4; the log-hazard for Cox), ``results.json``,
-   ``predictions.csv``, ``history.csv`` and per-patient attention CSVs
-   (HEALNet cross-attention averaged over layers, heads and latents; CM-MMF
-   modality weights; attention-MIL tile weights summarised per patient).
+   ``predictions.csv``, ``history.csv`` and the attention reports of
+   ``jaxsurv.attention`` (per-patient CSVs and PNG plots of HEALNet
+   cross-attention averaged over layers, heads and latents, CM-MMF modality
+   weights and attention-MIL tile weights).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import optax
 import pandas as pd
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsurv import evaluate, metrics, survival
+from jaxsurv import attention, evaluate, metrics, survival
 from jaxsurv.data import multimodal
 from jaxsurv.data import splits as splits_lib
 from jaxsurv.losses import cox_ph_loss, discrete_time_nll
@@ -714,61 +715,6 @@ class FusionTrainer:
 # ----------------------------------------------------------------------------
 
 
-def _bag_summary(att: np.ndarray, prefix: str) -> dict:
-  """Per-patient summary of tile weights ``[n, n_tiles]`` (0 on padding)."""
-  n_tiles = (att > 0).sum(axis=1)
-  safe = np.where(att > 0, att, 1.0)
-  entropy = -(att * np.log(safe)).sum(axis=1)
-  return {f"{prefix}n_tiles": n_tiles, f"{prefix}max_weight": att.max(axis=1),
-          f"{prefix}top_tile": np.where(n_tiles > 0, att.argmax(axis=1), -1),
-          f"{prefix}entropy": entropy,
-          # exp(entropy): 1 = all weight on one tile, n_tiles = uniform.
-          f"{prefix}effective_tiles": np.where(n_tiles > 0, np.exp(entropy), 0.0)}
-
-
-def attention_tables(parts: Mapping[str, dict], modalities, feature_names: Mapping) -> dict:
-  """Per-patient attention CSV tables from evaluated parts.
-
-  Args:
-    parts: ``{part name: {"patient_id": [n], "pred": predict_part output}}``.
-    modalities: ``(name, kind)`` pairs.
-    feature_names: ``{tabular modality: [features]}``.
-
-  Returns:
-    ``{file name: DataFrame}``: ``healnet_attention_<m>.csv`` (one column per
-    token: feature names for per-feature tokens, the modality name for a
-    whole-vector token, a tile summary for bags), ``modality_attention.csv``
-    (CM-MMF weights per modality), ``mil_attention_<m>.csv`` (tile weight
-    summary: number of tiles, max weight, top tile, entropy, effective number
-    of tiles).
-  """
-  kinds = dict(modalities)
-  tables: dict = {}
-
-  def add(fname, ids, part, cols):
-    df = pd.DataFrame({"patient_id": ids, "split": part, **cols})
-    tables[fname] = pd.concat([tables[fname], df], ignore_index=True) if fname in tables else df
-
-  for part, d in parts.items():
-    pred, ids = d["pred"], d["patient_id"]
-    for m, att in pred.get("healnet_attention", {}).items():
-      att = np.asarray(att)
-      if kinds.get(m) == "bag":
-        add(f"healnet_attention_{m}.csv", ids, part, _bag_summary(att, ""))
-        continue
-      names = list(feature_names.get(m, []))
-      if len(names) != att.shape[1]:
-        names = [m] if att.shape[1] == 1 else [f"{m}_token{j}" for j in range(att.shape[1])]
-      add(f"healnet_attention_{m}.csv", ids, part, dict(zip(names, att.T)))
-    if "modality_attention" in pred:
-      w = np.asarray(pred["modality_attention"])
-      add("modality_attention.csv", ids, part,
-          {f"weight_{m}": w[:, j] for j, (m, _) in enumerate(modalities)})
-    for m, att in pred.get("mil_attention", {}).items():
-      add(f"mil_attention_{m}.csv", ids, part, _bag_summary(np.asarray(att), ""))
-  return tables
-
-
 def prediction_table(parts: Mapping[str, dict], loss: str) -> pd.DataFrame:
   """``predictions.csv``: one row per patient of each evaluated part.
 
@@ -834,8 +780,8 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
     evaluate.write_json_atomic(run.transform.to_dict(), workdir / "transform.json")
     evaluate.write_csv_atomic(pd.DataFrame(run.history), workdir / "history.csv")
     evaluate.write_csv_atomic(prediction_table(parts, c.loss.name), workdir / "predictions.csv")
-    for fname, df in attention_tables(parts, trainer.modalities, cohort.feature_names).items():
-      evaluate.write_csv_atomic(df, workdir / fname)
+    attention.write_attention_reports(workdir, parts, trainer.modalities, cohort.feature_names,
+                                      evaluate.write_csv_atomic)
     evaluate.write_json_atomic(results, workdir / "results.json")
   return results, run
 

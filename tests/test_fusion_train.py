@@ -125,6 +125,11 @@ def test_cmmmf_writes_modality_and_tile_attention(tmp_path):
   ids = dict(zip(cohort.patient_ids, n_tiles))
   assert (tiles["n_tiles"].to_numpy() == tiles["patient_id"].map(ids).to_numpy()).all()
   assert res["val"]["n"] + res["test"]["n"] == len(w)
+  long = pd.read_csv(tmp_path / "mil_attention_tiles_wsi.csv")
+  assert len(long) == tiles["n_tiles"].sum()
+  np.testing.assert_allclose(long.groupby("patient_id")["weight"].sum(), 1.0, rtol=1e-5)
+  for png in ("modality_attention.png", "mil_attention_tiles_wsi.png"):
+    assert (tmp_path / png).stat().st_size > 0, png
 
 
 def test_selection_is_argmin_val_loss_and_ignores_the_test_part(concat_trainer):
