@@ -20,8 +20,10 @@ import scipy.stats
 
 from jaxsurv.data import manifest as mf
 from jaxsurv.data import mri
+from jaxsurv.data import phantom
 from jaxsurv.data import prepare
 from jaxsurv.data import public
+from jaxsurv.data import splits as splits_lib
 from jaxsurv.data import __main__ as cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -258,3 +260,31 @@ def test_cli_prepare_and_list(env, tmp_path, capsys, monkeypatch):
   assert "rotterdam_rendered" in listed and row["config"] in listed
   with pytest.raises(SystemExit, match="no images"):
     cli.main(["prepare", "gbsg", "--grid", "8", "--data-dir", str(data_dir)])
+
+
+def test_cli_manifest_writes_a_label_free_part_of_a_run(env, tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("JAXSURV_CACHE", str(env["root"] / "cache"))
+  spec = prepare.cohort_spec("sarcoma_phantom")
+  full = mf.read_manifest(prepare.demo_manifest("sarcoma_phantom", 4), spec)
+  ids = list(full["patient_id"])
+  split_path = splits_lib.save_splits(splits_lib.Split(tuple(ids[:2]), (ids[2],), (ids[3],)),
+                                      tmp_path / "splits.json")
+  out = tmp_path / "new.csv"
+  assert cli.main(["manifest", "sarcoma_phantom", "--n-patients", "4", "--splits",
+                   str(split_path), "--part", "val", "--drop-outcomes", "--out", str(out)]) == 0
+  assert "1 patients" in capsys.readouterr().out
+  new = pd.read_csv(out, dtype=str)
+  assert new["patient_id"].tolist() == [ids[2]]
+  assert not set(spec.outcome_columns) & set(new.columns)
+  assert not [c for c in new.columns if phantom.is_non_model_column(c)]
+  assert set(spec.clinical) <= set(new.columns)
+  for c in spec.path_columns:  # absolute paths, so the file works from any folder
+    assert pathlib.Path(new[c][0]).is_absolute() and pathlib.Path(new[c][0]).is_file()
+  # Without --drop-outcomes the outcomes stay; a splits file from another cohort is named.
+  assert cli.main(["manifest", "sarcoma_phantom", "--n-patients", "4", "--out", str(out)]) == 0
+  assert set(spec.outcome_columns) <= set(pd.read_csv(out).columns)
+  bad = splits_lib.save_splits(splits_lib.Split(("x1",), (), ("x2",)), tmp_path / "bad.json")
+  assert cli.main(["manifest", "sarcoma_phantom", "--n-patients", "4", "--splits", str(bad),
+                   "--out", str(tmp_path / "b.csv")]) == 2
+  assert "not in sarcoma_phantom" in capsys.readouterr().err
+  assert not (tmp_path / "b.csv").exists()

@@ -8,6 +8,8 @@ Usage::
       [--mask-to-periphery] [--periphery-mm 10] [--data-dir DIR] [--workers 1]
       [--missing-images error|absent] [--force] [--no-progress]
   python -m jaxsurv.data prepare path/to/manifest.csv --spec spec.json [...]
+  python -m jaxsurv.data manifest NAME --out FILE.csv [--n-patients N] [--seed S]
+      [--splits RUN/splits.json --part test] [--drop-outcomes]
 
 ``NAME`` is a known cohort (``sarcoma_phantom``, ``rotterdam_rendered``,
 ``rotterdam``, ``gbsg``, ``tcga_brca``, ``breast_cancer``) or a manifest CSV
@@ -30,6 +32,13 @@ prepares its own dataset version (the config name carries the settings'
 fingerprint); an existing version is reused unless ``--force``.
 
 Prints where the dataset went, its patient count and size on disk.
+
+``manifest`` writes a demo cohort's manifest (``sarcoma_phantom``,
+``rotterdam_rendered``; rendered first if needed) with absolute image paths,
+optionally only the patients of one part of a run's ``splits.json`` and
+without the outcome columns (``<outcome>_time``, ``<outcome>_event``) and
+the demo's oracle, latent and render columns: a "new patients" manifest for
+``python -m jaxsurv.predict``.
 """
 
 from __future__ import annotations
@@ -100,6 +109,22 @@ def _parser() -> argparse.ArgumentParser:
                        "the patient with image_present=False")
   pr.add_argument("--force", action="store_true", help="delete and rewrite an existing version")
   pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+  mn = sub.add_parser(
+      "manifest", help="write a demo cohort's manifest (absolute paths), e.g. for predict",
+      description="Writes the manifest of a demo cohort with absolute image paths, optionally "
+                  "one part of a run's splits.json and without outcomes.")
+  mn.add_argument("name", help="demo cohort: sarcoma_phantom or rotterdam_rendered")
+  mn.add_argument("--out", type=pathlib.Path, required=True, help="CSV file to write")
+  mn.add_argument("--n-patients", type=int, default=None,
+                  help="patients of the demo cohort (as given to prepare / the run's config)")
+  mn.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+  mn.add_argument("--splits", type=pathlib.Path, default=None,
+                  help="a run's splits.json: keep only the patients of --part")
+  mn.add_argument("--part", default="test", choices=("train", "val", "test"),
+                  help="part of --splits to keep (default test)")
+  mn.add_argument("--drop-outcomes", action="store_true",
+                  help="drop outcome, oracle, latent and render columns (label-free manifest)")
+  mn.add_argument("--no-progress", action="store_true", help="no progress bar while rendering")
   return p
 
 
@@ -182,10 +207,48 @@ def _cmd_prepare(args) -> int:
   return 0
 
 
+def _cmd_manifest(args) -> int:
+  """Writes a demo cohort's manifest (see the module docstring)."""
+  from jaxsurv.data import manifest as mf  # pylint: disable=import-outside-toplevel
+  from jaxsurv.data import phantom  # pylint: disable=import-outside-toplevel
+  from jaxsurv.data import prepare  # pylint: disable=import-outside-toplevel
+  from jaxsurv.data import splits as splits_lib  # pylint: disable=import-outside-toplevel
+  if args.name not in prepare.DEMO_COHORTS:
+    raise SystemExit(f"error: {args.name!r} is not a demo cohort {list(prepare.DEMO_COHORTS)}")
+  spec = prepare.cohort_spec(args.name)
+  try:
+    path = prepare.demo_manifest(args.name, args.n_patients, args.seed,
+                                 progress=not args.no_progress)
+    df = mf.read_manifest(path, spec)
+    if args.splits is not None:
+      split = splits_lib.load_splits(args.splits)
+      if isinstance(split, list):
+        raise ValueError(f"{args.splits}: holds {len(split)} folds; give a single run's splits.json")
+      ids = list(getattr(split, args.part))
+      known = set(df[spec.id_column])
+      unknown = [i for i in ids if i not in known]
+      if unknown:
+        raise ValueError(f"{args.splits}: {len(unknown)} patients of part {args.part!r} are not "
+                         f"in {args.name} (seed {args.seed}, n_patients {args.n_patients}), "
+                         f"e.g. {unknown[:3]}")
+      df = df.set_index(spec.id_column, drop=False).loc[ids].reset_index(drop=True)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.drop_outcomes:
+    df = df[[c for c in df.columns
+             if c not in spec.outcome_columns and not phantom.is_non_model_column(c)]]
+  mf.write_manifest(df.to_dict("records"), args.out)
+  print(f"wrote {args.out}: {len(df)} patients, columns {list(df.columns)}")
+  return 0
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if args.command == "list":
     return _cmd_list(args)
+  if args.command == "manifest":
+    return _cmd_manifest(args)
   return _cmd_prepare(args)
 
 

@@ -525,9 +525,11 @@ def write_manifest(rows: Iterable[Mapping[str, Any]], path: PathLike) -> pathlib
   """Writes rows (dicts) as a manifest CSV; a small convenience for cohort builders.
 
   Paths are written as given (use paths relative to ``path``'s folder to keep
-  a cohort relocatable).
+  a cohort relocatable). The file is written to a temporary name and renamed.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  pd.DataFrame(list(rows)).to_csv(path, index=False)
+  tmp = path.with_name(f".{path.name}.tmp")
+  pd.DataFrame(list(rows)).to_csv(tmp, index=False)
+  os.replace(tmp, path)  # atomic: a manifest on disk is always complete
   return path

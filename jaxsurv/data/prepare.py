@@ -484,7 +484,8 @@ def _slug(text: str) -> str:
   return s or "cohort"
 
 
-def _demo_manifest(name: str, n_patients: int | None, seed: int, progress: bool) -> pathlib.Path:
+def demo_manifest(name: str, n_patients: int | None = None, seed: int = 0, *,
+                  progress: bool = False) -> pathlib.Path:
   """Writes (once) a demo cohort's NIfTI files and manifest; returns the manifest path.
 
   The manifest is written last and atomically by ``phantom``, so its presence
@@ -551,7 +552,7 @@ def _resolve(name_or_manifest, spec, preprocess, n_patients, seed, progress) -> 
             f"-fp{preprocess.fingerprint()}")
 
     def load():
-      path = _demo_manifest(arg, n, int(seed), progress)
+      path = demo_manifest(arg, n, int(seed), progress=progress)
       return mf.read_manifest(path, spec), str(path)
     return _Resolved(arg, "demo", spec, preprocess, name, f"jaxsurv.data.phantom ({arg}, seed "
                      f"{int(seed)}, {n or 'all'} patients)", load)
