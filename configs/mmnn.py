@@ -115,9 +115,12 @@ def get_config(arg=None):
                               norm="batch", stem_kernel=3))
     c.batch_size = 32
     c.grad_accum_steps = 1
-    c.num_epochs = 12
+    # 24 epochs with blending every 4: validation C-index 0.654 (OS) / 0.635
+    # (DM) against 0.640 / 0.628 with 12 epochs every 3 (rotterdam_rendered,
+    # chosen on the validation split only); about 9 minutes on 2 idle cores.
+    c.num_epochs = 24
     c.eval_batch_size = 64
     c.optimizer.update(dict(name="adam", lr=3e-3, weight_decay=1e-4))
-    c.blend.every_epochs = 3
+    c.blend.every_epochs = 4
     c.eval.bootstrap_resamples = 100
   return c
