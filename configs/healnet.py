@@ -30,7 +30,8 @@ network, loss and L1, batch 32, AdamW (lr 3e-3, weight decay 1e-2, cosine
 with 1 warm-up epoch) for 10 epochs, the final epoch kept (validation C-index
 of the final epoch over the 5 folds: 0.83 after 10 epochs, 0.82 after 15,
 0.77 after 25; per-feature tokens ``model.tabular_tokens='features'``: 0.73),
-the output bias started at the training part's marginal hazards.
+the output bias started at the training part's marginal hazards, and
+whole-modality dropout 0.2 in training (validation C 0.842 vs 0.827 without).
 
 Attention outputs: with one token per tabular modality each modality's
 cross-attention is trivially 1 (``healnet_attention_<m>.csv``); per-feature
@@ -47,5 +48,11 @@ def get_config(arg=None):
   a = parse_arg(arg, modalities="clinical+rna", wsi="pam50", loss="nll", fold=0, local=False,
                 early_fusion=False)
   model = "early_fusion" if a["early_fusion"] else "healnet"
-  return base_config(model, a["modalities"], wsi=a["wsi"], loss=a["loss"], fold=a["fold"],
-                     local=a["local"])
+  c = base_config(model, a["modalities"], wsi=a["wsi"], loss=a["loss"], fold=a["fold"],
+                  local=a["local"])
+  if a["local"] and model == "healnet":
+    # Whole-modality dropout 0.2 per patient in training (never all of a
+    # patient's modalities): mean validation C-index 0.842 vs 0.827 without
+    # and 0.831 with 0.4 (clinical+rna, 5 folds).
+    c.train.modality_dropout = 0.2
+  return c
