@@ -31,13 +31,13 @@ tile, and ``write_attention_plots`` draws them (matplotlib, Agg backend):
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from jaxsurv import evaluate
 
 ID_COLUMNS = ("patient_id", "split")
 BAG_SUMMARY = ("n_tiles", "max_weight", "top_tile", "entropy", "effective_tiles")
@@ -147,26 +147,6 @@ def tile_weight_table(parts: Mapping[str, dict], key: str, modality: str) -> pd.
 # ----------------------------------------------------------------------------
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def _save(fig, path: pathlib.Path) -> None:
-  """Saves a figure as PNG via a temporary file and an atomic rename."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
 def plot_feature_attention(path, table: pd.DataFrame, *, title: str, top_k: int = 20,
                            max_patients: int = 40) -> list[str]:
   """Top features by mean attention (bars) and a patient x feature heat map.
@@ -191,7 +171,7 @@ def plot_feature_attention(path, table: pd.DataFrame, *, title: str, top_k: int 
   w = table[feats].to_numpy(np.float64)
   order = np.argsort(-w.mean(axis=0), kind="stable")[:top_k]
   top = [feats[j] for j in order]
-  plt = _pyplot()
+  plt = evaluate.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, max(3.0, 0.25 * len(top) + 1.5)),
                            gridspec_kw={"width_ratios": [1, 2]})
   y = np.arange(len(top))
@@ -213,7 +193,7 @@ def plot_feature_attention(path, table: pd.DataFrame, *, title: str, top_k: int 
   fig.colorbar(im, ax=axes[1], label="attention")
   fig.suptitle(title)
   fig.tight_layout()
-  _save(fig, path)
+  evaluate.save_png_atomic(fig, path)
   plt.close(fig)
   return top
 
@@ -229,7 +209,7 @@ def plot_modality_weights(path, table: pd.DataFrame, *, title: str) -> None:
   cols = [c for c in table.columns if c.startswith("weight_")]
   if not cols:
     raise ValueError(f"{title}: the table has no weight_<modality> columns")
-  plt = _pyplot()
+  plt = evaluate.pyplot()
   fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 3.5))
   ax.boxplot([table[c].to_numpy(np.float64) for c in cols])
   ax.set_xticks(np.arange(1, len(cols) + 1), [c[len("weight_"):] for c in cols])
@@ -239,7 +219,7 @@ def plot_modality_weights(path, table: pd.DataFrame, *, title: str) -> None:
   ax.legend(fontsize=7)
   ax.set_title(title)
   fig.tight_layout()
-  _save(fig, path)
+  evaluate.save_png_atomic(fig, path)
   plt.close(fig)
 
 
@@ -258,12 +238,10 @@ def plot_tile_weights(path, tiles: pd.DataFrame, *, title: str, n_patients: int 
   """
   if tiles.empty:
     raise ValueError(f"{title}: no tiles to plot")
-  g = tiles.groupby("patient_id")["weight"]
-  n = g.size()
-  w = tiles["weight"].to_numpy(np.float64)
-  ent = (-(w * np.log(w))).astype(np.float64)
-  frac = np.exp(pd.Series(ent, index=tiles.index).groupby(tiles["patient_id"]).sum()) / n
-  plt = _pyplot()
+  w = tiles["weight"].astype(np.float64)
+  by_patient = (-w * np.log(w)).groupby(tiles["patient_id"])
+  frac = np.exp(by_patient.sum()) / by_patient.size()  # effective tiles / tiles
+  plt = evaluate.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for pid in frac.sort_values(kind="stable").index[:n_patients]:
     ws = np.sort(tiles.loc[tiles["patient_id"] == pid, "weight"].to_numpy())[::-1]
@@ -279,12 +257,12 @@ def plot_tile_weights(path, tiles: pd.DataFrame, *, title: str, n_patients: int 
   axes[1].set_ylabel("patients")
   fig.suptitle(title)
   fig.tight_layout()
-  _save(fig, path)
+  evaluate.save_png_atomic(fig, path)
   plt.close(fig)
 
 
 def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
-                            feature_names: Mapping, write_csv) -> list[str]:
+                            feature_names: Mapping) -> list[str]:
   """Writes every attention table and plot of the evaluated parts to ``workdir``.
 
   Args:
@@ -292,7 +270,6 @@ def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
     parts: as for ``attention_tables``.
     modalities: ``(name, kind)`` pairs.
     feature_names: ``{tabular modality: [features]}``.
-    write_csv: ``(DataFrame, path)`` writer (atomic).
 
   Returns:
     The written file names: the ``attention_tables`` CSVs, one
@@ -303,7 +280,7 @@ def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
   kinds = dict(modalities)
   written = []
   for fname, df in attention_tables(parts, modalities, feature_names).items():
-    write_csv(df, workdir / fname)
+    evaluate.write_csv_atomic(df, workdir / fname)
     written.append(fname)
     stem = fname[:-len(".csv")]
     if fname == "modality_attention.csv":
@@ -323,7 +300,7 @@ def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
       tiles = tile_weight_table(parts, key, m)
       if tiles.empty:
         continue
-      write_csv(tiles, workdir / f"{key}_tiles_{m}.csv")
+      evaluate.write_csv_atomic(tiles, workdir / f"{key}_tiles_{m}.csv")
       plot_tile_weights(workdir / f"{key}_tiles_{m}.png", tiles,
                         title=f"{label} tile weights ({m})")
       written += [f"{key}_tiles_{m}.csv", f"{key}_tiles_{m}.png"]

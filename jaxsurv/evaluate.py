@@ -149,11 +149,23 @@ def _json_default(x):
 # ----------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot():
+  """``matplotlib.pyplot`` with the non-interactive Agg backend."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
+
+
+def save_png_atomic(fig, path: os.PathLike) -> None:
+  """Saves a matplotlib figure as PNG via a temporary file and an atomic rename."""
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  try:
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
 
 
 def plot_km_by_risk_group(path, *, risk, duration, event, threshold, title: str) -> None:
@@ -163,7 +175,7 @@ def plot_km_by_risk_group(path, *, risk, duration, event, threshold, title: str)
   the grouping is not fitted on the plotted split.
   """
   from sksurv.nonparametric import kaplan_meier_estimator
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5, 4))
   for name, sel, color in (("low risk", risk <= threshold, "tab:blue"),
                            ("high risk", risk > threshold, "tab:red")):
@@ -177,13 +189,13 @@ def plot_km_by_risk_group(path, *, risk, duration, event, threshold, title: str)
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_png_atomic(fig, path)
   plt.close(fig)
 
 
 def plot_training_curves(path, history: Sequence[Mapping]) -> None:
   """Training loss, validation loss and validation C-index per epoch."""
-  plt = _pyplot()
+  plt = pyplot()
   epochs = [h["epoch"] for h in history]
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
   axes[0].plot(epochs, [h["train_loss"] for h in history], label="train (blended)")
@@ -197,5 +209,5 @@ def plot_training_curves(path, history: Sequence[Mapping]) -> None:
   axes[1].set_ylabel("validation C-index")
   axes[1].legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_png_atomic(fig, path)
   plt.close(fig)

@@ -780,8 +780,7 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
     evaluate.write_json_atomic(run.transform.to_dict(), workdir / "transform.json")
     evaluate.write_csv_atomic(pd.DataFrame(run.history), workdir / "history.csv")
     evaluate.write_csv_atomic(prediction_table(parts, c.loss.name), workdir / "predictions.csv")
-    attention.write_attention_reports(workdir, parts, trainer.modalities, cohort.feature_names,
-                                      evaluate.write_csv_atomic)
+    attention.write_attention_reports(workdir, parts, trainer.modalities, cohort.feature_names)
     evaluate.write_json_atomic(results, workdir / "results.json")
   return results, run
 

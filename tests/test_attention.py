@@ -5,7 +5,6 @@ import pandas as pd
 import pytest
 
 from jaxsurv import attention
-from jaxsurv import evaluate
 
 
 def _parts():
@@ -75,8 +74,7 @@ def test_feature_plot_orders_features_by_mean_attention(tmp_path):
 
 
 def test_write_attention_reports_writes_every_table_and_plot(tmp_path):
-  written = attention.write_attention_reports(tmp_path, _parts(), MODALITIES, NAMES,
-                                              evaluate.write_csv_atomic)
+  written = attention.write_attention_reports(tmp_path, _parts(), MODALITIES, NAMES)
   expected = {"healnet_attention_omic.csv", "healnet_attention_omic_features.png",
               "healnet_attention_wsi.csv", "modality_attention.csv", "modality_attention.png",
               "mil_attention_wsi.csv", "mil_attention_tiles_wsi.csv", "mil_attention_tiles_wsi.png",
