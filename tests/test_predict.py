@@ -29,26 +29,14 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import REPO, tiny_mmnn_config
 from jaxsurv import predict
 from jaxsurv.data import mri
 
 
 def _tiny_config():
-  from configs import mmnn
-  c = mmnn.get_config("local,cohort=sarcoma_phantom,n_patients=32")
-  c.data.preprocess.grid = (16, 16, 16)
-  c.data.preprocess.spacing_mm = 4.0
-  c.data.prepare_workers = 1
-  c.model.image.update(dict(init_features=4, growth_rate=2, block_config=(1, 1), bn_size=2))
-  c.model.clinical.hidden_sizes = (8,)
-  c.batch_size = 8
-  c.eval_batch_size = 8
-  c.num_epochs = 1
-  c.blend.every_epochs = 1
-  c.eval.bootstrap_resamples = 0
-  c.progress_bar = False
-  return c
+  return tiny_mmnn_config(**{"data.prepare_workers": 1, "num_epochs": 1,
+                             "eval.bootstrap_resamples": 0})
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from jaxsurv import augment
-from conftest import REPO
+from conftest import REPO, tiny_mmnn_config
 
 
 def test_augment_identity_and_flip_are_exact():
@@ -95,23 +95,6 @@ def test_sharded_train_step_equals_single_device():
 # ----------------------------------------------------------------------------
 
 
-def _tiny_config(**overrides):
-  from configs import mmnn
-  c = mmnn.get_config("local,cohort=sarcoma_phantom,n_patients=32")
-  c.data.preprocess.grid = (16, 16, 16)
-  c.data.preprocess.spacing_mm = 4.0
-  c.model.image.update(dict(init_features=4, growth_rate=2, block_config=(1, 1), bn_size=2))
-  c.model.clinical.hidden_sizes = (8,)
-  c.batch_size = 8
-  c.eval_batch_size = 8
-  c.num_epochs = 3
-  c.blend.every_epochs = 1
-  c.eval.bootstrap_resamples = 20
-  c.progress_bar = False
-  c.update_from_flattened_dict(overrides)
-  return c
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
   monkeypatch.setenv("JAXSURV_CACHE", str(tmp_path / "cache"))
@@ -121,7 +104,7 @@ def cache(tmp_path, monkeypatch):
 def test_end_to_end_run_and_resume(cache, monkeypatch):
   """A run killed after its first epoch resumes and ends exactly like an uninterrupted one."""
   from jaxsurv import train
-  full = train.train_and_evaluate(_tiny_config(), str(cache / "full"))
+  full = train.train_and_evaluate(tiny_mmnn_config(), str(cache / "full"))
   for name in ("results.json", "predictions.csv", "config.json", "splits.json",
                "preprocess.json", "training_curves.png", "blend_weights.png", "km_test_os.png"):
     assert (cache / "full" / name).exists(), name
@@ -144,11 +127,11 @@ def test_end_to_end_run_and_resume(cache, monkeypatch):
   # The resumed run uses a relative workdir, as in the README's command.
   monkeypatch.chdir(cache)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(_tiny_config(), "resumed")
+    train.train_and_evaluate(tiny_mmnn_config(), "resumed")
   assert (cache / "resumed" / "checkpoints").exists()
   assert not (cache / "resumed" / "results.json").exists()
   monkeypatch.setattr(train, "_epoch_order", real_order)
-  resumed = train.train_and_evaluate(_tiny_config(), "resumed")
+  resumed = train.train_and_evaluate(tiny_mmnn_config(), "resumed")
   assert resumed["best_epoch"] == full["best_epoch"]
   for split in ("val", "test"):
     for o in ("os", "dm"):
@@ -160,11 +143,11 @@ def test_end_to_end_run_and_resume(cache, monkeypatch):
 def test_bad_config_and_nan_loss(cache, monkeypatch):
   from jaxsurv import train
   with pytest.raises(ValueError, match=r"missing from cohort.*\['tumour_volume'\]"):
-    train.train_and_evaluate(_tiny_config(**{"data.numeric": ("age", "tumour_volume")}),
+    train.train_and_evaluate(tiny_mmnn_config(**{"data.numeric": ("age", "tumour_volume")}),
                              str(cache / "bad"))
   monkeypatch.setattr(train, "cox_head_losses",
                       lambda outputs, batch, heads, ties: {k: jnp.nan * jnp.sum(outputs[k])
                                                            for k in heads})
   with pytest.raises(train.TrainingError, match=r"non-finite training loss nan at step \d+"):
-    train.train_and_evaluate(_tiny_config(), str(cache / "nan"))
+    train.train_and_evaluate(tiny_mmnn_config(), str(cache / "nan"))
   assert not (cache / "nan" / "results.json").exists()
