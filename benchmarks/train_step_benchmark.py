@@ -194,6 +194,26 @@ def _resolve_defaults(spec: dict, backend: str) -> dict:
   return spec
 
 
+def _timed_steps(run, spec: dict, what: str) -> tuple[list[float], float]:
+  """Times ``spec["steps"]`` calls of ``run(i)`` (after the warm-up steps).
+
+  Returns:
+    ``(seconds per step, last loss)``.
+
+  Raises:
+    FloatingPointError: the last loss is not finite.
+  """
+  times = []
+  for i in range(spec["steps"]):
+    s = time.perf_counter()
+    meas = run(spec["warmup"] + i)
+    times.append(time.perf_counter() - s)
+  loss = float(meas["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"{what} gave a non-finite loss {loss} for {spec}")
+  return times, loss
+
+
 def jax_worker(spec: dict) -> dict:
   """Compiles and times jaxsurv's train step for one setting."""
   jax = _jax_setup(spec)
@@ -251,14 +271,7 @@ def jax_worker(spec: dict) -> dict:
 
   for i in range(spec["warmup"]):
     run(i)
-  times = []
-  for i in range(spec["steps"]):
-    s = time.perf_counter()
-    meas = run(spec["warmup"] + i)
-    times.append(time.perf_counter() - s)
-  loss = float(meas["loss"])
-  if not np.isfinite(loss):
-    raise FloatingPointError(f"jaxsurv train step gave a non-finite loss {loss} for {spec}")
+  times, loss = _timed_steps(run, spec, "jaxsurv train step")
 
   dev = jax.devices()[0]
   out = {"framework": "jaxsurv", "spec": spec, "backend": jax.default_backend(),
@@ -338,14 +351,7 @@ def torch_worker(spec: dict) -> dict:
   first_s = time.perf_counter() - t0
   for i in range(1, spec["warmup"]):
     run(i)
-  times = []
-  for i in range(spec["steps"]):
-    s = time.perf_counter()
-    meas = run(spec["warmup"] + i)
-    times.append(time.perf_counter() - s)
-  loss = float(meas["loss"])
-  if not np.isfinite(loss):
-    raise FloatingPointError(f"torch reference step gave a non-finite loss {loss} for {spec}")
+  times, loss = _timed_steps(run, spec, "torch reference step")
   out = {"framework": "torch", "spec": spec, "device": device.type,
          "device_kind": (torch.cuda.get_device_name(device) if device.type == "cuda"
                          else _cpu_model()),
