@@ -71,7 +71,8 @@ def _sort_levels(levels):
   return sorted(levels, key=key)
 
 
-def _listing(items, limit=_MAX_LISTED) -> str:
+def listing(items, limit=_MAX_LISTED) -> str:
+  """``[a, b, ... (n in all)]``: at most ``limit`` items, for error messages."""
   items = list(items)
   shown = ", ".join(repr(i) for i in items[:limit])
   more = f", ... ({len(items)} in all)" if len(items) > limit else ""
@@ -137,7 +138,7 @@ class ClinicalPreprocessor:
     missing = [c for c in self.numeric + self.categorical if c not in df.columns]
     if missing:
       raise ValueError(f"{where}: configured columns absent from the table: {missing}; "
-                       f"available columns: {_listing(map(str, df.columns), 50)}")
+                       f"available columns: {listing(map(str, df.columns), 50)}")
 
   def _ids(self, df: pd.DataFrame) -> np.ndarray:
     if self.id_column in df.columns:
@@ -155,11 +156,11 @@ class ClinicalPreprocessor:
       ids = self._ids(df)[bad_text]
       texts = raw[bad_text].astype(str).tolist()
       raise ValueError(f"{where}: numeric column {col!r} holds non-numeric values "
-                       f"{_listing(texts)} for patients {_listing(ids)}")
+                       f"{listing(texts)} for patients {listing(ids)}")
     inf = np.isinf(values)
     if inf.any():
       raise ValueError(f"{where}: numeric column {col!r} holds infinite values for "
-                       f"patients {_listing(self._ids(df)[inf])}")
+                       f"patients {listing(self._ids(df)[inf])}")
     return values
 
   @staticmethod

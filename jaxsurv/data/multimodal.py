@@ -42,6 +42,7 @@ from sklearn.model_selection import StratifiedKFold
 from jaxsurv import validation
 from jaxsurv.data import bags as bags_lib
 from jaxsurv.data import public
+from jaxsurv.data.clinical import listing
 from jaxsurv.data import splits as splits_lib
 from jaxsurv.survival import TimeBins
 
@@ -49,14 +50,6 @@ _FORMAT = "jaxsurv.FoldTransform/v1"
 TILE_MASK_SUFFIX = "_tile_mask"
 TCGA_BRCA_MODALITIES = ("clinical", "rna", "mirna", "methylation")
 _RESERVED_COLUMNS = ("patient_id", "duration", "event")
-_MAX_LISTED = 10
-
-
-def _listing(items, limit=_MAX_LISTED) -> str:
-  items = list(items)
-  shown = ", ".join(repr(i) for i in items[:limit])
-  more = f", ... ({len(items)} in all)" if len(items) > limit else ""
-  return f"[{shown}{more}]"
 
 
 # ----------------------------------------------------------------------------
@@ -108,7 +101,7 @@ class MultimodalCohort:
     dup = pd.Series(ids)
     dup = sorted(set(dup[dup.duplicated()]))
     if dup:
-      raise ValueError(f"patient_ids: duplicate ids {_listing(dup)}")
+      raise ValueError(f"patient_ids: duplicate ids {listing(dup)}")
     self.patient_ids = ids
     d, e = validation.check_survival(self.duration, self.event)
     if d.shape != (n,):
@@ -143,7 +136,7 @@ class MultimodalCohort:
         cols = ([fn[c] for c in cols] if fn is not None and len(fn) == x.shape[1]
                 else [f"column {c}" for c in cols.tolist()])
         raise ValueError(f"tabular[{name!r}]: NaN/inf values in present rows of patients "
-                         f"{_listing(ids[rows])} (features {_listing(cols)}); impute them "
+                         f"{listing(ids[rows])} (features {listing(cols)}); impute them "
                          "or mark the modality absent for those patients")
       tabular[name], presence[name] = x, p
     for name, value in self.bags.items():
@@ -161,7 +154,7 @@ class MultimodalCohort:
       p = has_tiles if p is None else self._check_presence(name, p, n)
       empty = p & ~has_tiles
       if empty.any():
-        raise ValueError(f"bags[{name!r}]: patients {_listing(ids[empty])} are marked present "
+        raise ValueError(f"bags[{name!r}]: patients {listing(ids[empty])} are marked present "
                          "but have no tile (a zero-tile bag is a missing modality)")
       if not np.isfinite(feats[mask]).all():
         raise ValueError(f"bags[{name!r}]: NaN/inf tile features")
@@ -431,7 +424,7 @@ def _check_idx(idx, n, what) -> np.ndarray:
     raise ValueError(f"{what}: expected a 1-D integer index array, got {idx.dtype} {idx.shape}")
   bad = (idx < 0) | (idx >= n)
   if bad.any():
-    raise ValueError(f"{what}: indices out of range [0, {n}): {_listing(idx[bad])}")
+    raise ValueError(f"{what}: indices out of range [0, {n}): {listing(idx[bad])}")
   return idx.astype(np.int64)
 
 
@@ -576,7 +569,7 @@ class FoldTransform:
         added = p & ~pres[name]
         if added.any():
           raise ValueError(f"presence[{name!r}] marks patients "
-                           f"{_listing(cohort.patient_ids[idx][added])} present, but the "
+                           f"{listing(cohort.patient_ids[idx][added])} present, but the "
                            "cohort has no data for them")
         pres[name] = p
     inputs = {}

@@ -33,18 +33,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from jaxsurv.data.clinical import level_key
+from jaxsurv.data.clinical import level_key, listing
 
 _FORMAT = "jaxsurv.splits/v1"
 PARTS = ("train", "val", "test")
-_MAX_LISTED = 10
-
-
-def _listing(items, limit=_MAX_LISTED) -> str:
-  items = list(items)
-  shown = ", ".join(repr(i) for i in items[:limit])
-  more = f", ... ({len(items)} in all)" if len(items) > limit else ""
-  return f"[{shown}{more}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +62,11 @@ class Split:
       object.__setattr__(self, part, ids)
       dup = sorted({i for i, n in pd.Series(ids).value_counts().items() if n > 1})
       if dup:
-        raise ValueError(f"Split.{part}: duplicate patient ids {_listing(dup)}")
+        raise ValueError(f"Split.{part}: duplicate patient ids {listing(dup)}")
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
       both = sorted(set(getattr(self, a)) & set(getattr(self, b)))
       if both:
-        raise ValueError(f"Split: patient ids in both {a} and {b}: {_listing(both)}")
+        raise ValueError(f"Split: patient ids in both {a} and {b}: {listing(both)}")
     object.__setattr__(self, "meta", dict(self.meta))
 
   def sizes(self) -> dict[str, int]:
@@ -98,7 +90,7 @@ class Split:
     for p in PARTS:
       absent = [i for i in getattr(self, p) if i not in pos]
       if absent:
-        raise ValueError(f"Split.{p}: patient ids absent from the table: {_listing(absent)}")
+        raise ValueError(f"Split.{p}: patient ids absent from the table: {listing(absent)}")
       out[p] = np.sort(np.array([pos[i] for i in getattr(self, p)], dtype=np.int64))
     return out
 
@@ -112,16 +104,16 @@ def check_patient_ids(df: pd.DataFrame, *, id_column: str = "patient_id") -> np.
   """
   if id_column not in df.columns:
     raise ValueError(f"table has no patient id column {id_column!r}; columns: "
-                     f"{_listing(map(str, df.columns), 30)}")
+                     f"{listing(map(str, df.columns), 30)}")
   raw = df[id_column]
   if raw.isna().any():
     rows = np.flatnonzero(raw.isna().to_numpy())
-    raise ValueError(f"{id_column}: missing patient ids at rows {_listing(rows.tolist())}")
+    raise ValueError(f"{id_column}: missing patient ids at rows {listing(rows.tolist())}")
   ids = raw.astype(str).to_numpy()
   dup = pd.Series(ids)
   dup = sorted(set(dup[dup.duplicated()]))
   if dup:
-    raise ValueError(f"{id_column}: duplicate patient ids {_listing(dup)}; splits are made "
+    raise ValueError(f"{id_column}: duplicate patient ids {listing(dup)}; splits are made "
                      "per patient, so the table must have one row per patient")
   return ids
 
@@ -160,7 +152,7 @@ def stratification_labels(df: pd.DataFrame, stratify: Sequence[str], *, n_bins: 
   missing = [c for c in stratify if c not in df.columns]
   if missing:
     raise ValueError(f"stratify columns absent from the table: {missing}; available: "
-                     f"{_listing(map(str, df.columns), 30)}")
+                     f"{listing(map(str, df.columns), 30)}")
   if n_bins < 1:
     raise ValueError(f"n_bins must be >= 1, got {n_bins}")
   n = len(df)
@@ -227,7 +219,7 @@ def _prepare(df: pd.DataFrame, id_column: str, stratify) -> tuple[pd.DataFrame, 
   missing = [c for c in stratify if c not in df.columns]
   if missing:
     raise ValueError(f"stratify columns absent from the table: {missing}; available: "
-                     f"{_listing(map(str, df.columns), 30)}")
+                     f"{listing(map(str, df.columns), 30)}")
   empty = [c for c in stratify if df[c].isna().all()]
   if empty and len(df):
     # E.g. the default os_event on a cohort without OS (gbsg, breast_cancer):
