@@ -92,6 +92,9 @@ def test_run_table_wires_train_rows_and_writes_the_table(tmp_path, monkeypatch):
   assert summary.loc[0, "clinical"] == "–"
   md = (tmp_path / "table.md").read_text()
   assert "| Model | Backbone | Fusion | clinical+rna | clinical |" in md
+  paired = pd.read_csv(tmp_path / "paired.csv")
+  assert list(paired["Model"]) == ["Concatenation"] and paired.loc[0, "folds"] == 3
+  assert "minus Coxnet" in md
   # Resume: a second run with the same configs reuses every fold.
   before = (tmp_path / "runs" / "concat__clinical-rna" / "fold0" / "results.json").stat()
   cv.run_table(entries[:1], tmp_path / ".", cache=cache, progress=False)
@@ -139,6 +142,23 @@ def test_summary_table_means_and_sds():
   assert t.loc[1, "clinical+rna"] == f"0.720 ± {np.std([0.71, 0.73], ddof=1):.3f}"  # None skipped.
   md = cv.to_markdown(t)
   assert md.splitlines()[0] == "| Model | Backbone | Fusion | clinical+rna | clinical |"
+
+
+def test_paired_table_differences_to_coxnet_by_hand():
+  df = pd.DataFrame({
+      "model": ["healnet"] * 3 + ["coxnet"] * 3 + ["concat"] * 2 + ["coxnet"],
+      "modalities": ["clinical+rna"] * 8 + ["clinical"],
+      "fold": [0, 1, 2, 0, 1, 2, 0, 2, 0],
+      "test_cindex": [0.7, 0.8, 0.75, 0.72, 0.70, 0.80, 0.71, None, 0.9],
+  })
+  t = cv.paired_table(df)
+  assert list(t["Model"]) == ["HEALNet", "Concatenation"]
+  d = np.array([0.7 - 0.72, 0.8 - 0.70, 0.75 - 0.80])
+  assert t.loc[0, "difference"] == f"{d.mean():.3f} ± {d.std(ddof=1):.3f}"
+  assert t.loc[0, "better"] == "1/3" and t.loc[0, "folds"] == 3
+  # Fold 2 of concat is undefined: one pair left, no SD.
+  assert t.loc[1, "difference"] == f"{0.71 - 0.72:.3f}" and t.loc[1, "better"] == "0/1"
+  assert cv.paired_table(df[df.model != "coxnet"]).empty
 
 
 def test_missing_masks_are_shared_and_p1_keeps_one_modality():
