@@ -465,7 +465,8 @@ def paired_table(df: pd.DataFrame, reference: str = COXNET,
 
   The folds are shared, so the difference ``C(model) - C(reference)`` per
   fold removes the fold-to-fold variation that dominates the SDs of
-  :func:`summary_table` (test parts of ~150 patients and ~14 events).
+  :func:`summary_table` (on TCGA-BRCA, test parts of ~150 patients and ~14
+  events).
 
   Args:
     df: the long per-fold table (``folds.csv``).
@@ -515,6 +516,7 @@ def write_table(df: pd.DataFrame, out: pathlib.Path) -> None:
           "the best validation C-index over the alpha path; a maximum over epochs or alphas "
           "is optimistic):", "", to_markdown(val), ""]
   paired = paired_table(df)
+  (out / "paired.csv").unlink(missing_ok=True)  # No stale comparison from an earlier run.
   if len(paired):
     paired.to_csv(out / "paired.csv", index=False)
     text += ["Test C-index minus Coxnet's on the same folds and modality set (mean ± SD over "

@@ -95,6 +95,9 @@ def test_run_table_wires_train_rows_and_writes_the_table(tmp_path, monkeypatch):
   paired = pd.read_csv(tmp_path / "paired.csv")
   assert list(paired["Model"]) == ["Concatenation"] and paired.loc[0, "folds"] == 3
   assert "minus Coxnet" in md
+  cv.write_table(df[df.model != "coxnet"], tmp_path)  # Without Coxnet: no stale paired.csv.
+  assert not (tmp_path / "paired.csv").exists()
+  assert "minus Coxnet" not in (tmp_path / "table.md").read_text()
   # Resume: a second run with the same configs reuses every fold.
   before = (tmp_path / "runs" / "concat__clinical-rna" / "fold0" / "results.json").stat()
   cv.run_table(entries[:1], tmp_path / ".", cache=cache, progress=False)
