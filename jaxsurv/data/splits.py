@@ -129,6 +129,14 @@ def _factor(series: pd.Series, n_bins: int) -> np.ndarray:
                    for v in series.astype(object).tolist()], dtype=object)
 
 
+def _check_stratify_columns(df: pd.DataFrame, stratify: Sequence[str]) -> None:
+  """Raises ValueError naming the absent stratify columns and the available ones."""
+  missing = [c for c in stratify if c not in df.columns]
+  if missing:
+    raise ValueError(f"stratify columns absent from the table: {missing}; available: "
+                     f"{listing(map(str, df.columns), 30)}")
+
+
 def stratification_labels(df: pd.DataFrame, stratify: Sequence[str], *, n_bins: int = 4,
                           min_count: int = 2) -> np.ndarray:
   """Combined stratum label per row, with rare strata merged.
@@ -149,10 +157,7 @@ def stratification_labels(df: pd.DataFrame, stratify: Sequence[str], *, n_bins: 
       available) or ``n_bins < 1``.
   """
   stratify = [stratify] if isinstance(stratify, str) else list(stratify)
-  missing = [c for c in stratify if c not in df.columns]
-  if missing:
-    raise ValueError(f"stratify columns absent from the table: {missing}; available: "
-                     f"{listing(map(str, df.columns), 30)}")
+  _check_stratify_columns(df, stratify)
   if n_bins < 1:
     raise ValueError(f"n_bins must be >= 1, got {n_bins}")
   n = len(df)
@@ -216,10 +221,7 @@ def _stratified_holdout(ids: np.ndarray, df: pd.DataFrame, n_out: int, stratify,
 def _prepare(df: pd.DataFrame, id_column: str, stratify) -> tuple[pd.DataFrame, np.ndarray, list]:
   stratify = [stratify] if isinstance(stratify, str) else list(stratify or ())
   ids = check_patient_ids(df, id_column=id_column)
-  missing = [c for c in stratify if c not in df.columns]
-  if missing:
-    raise ValueError(f"stratify columns absent from the table: {missing}; available: "
-                     f"{listing(map(str, df.columns), 30)}")
+  _check_stratify_columns(df, stratify)
   empty = [c for c in stratify if df[c].isna().all()]
   if empty and len(df):
     # E.g. the default os_event on a cohort without OS (gbsg, breast_cancer):
