@@ -51,16 +51,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsurv import augment as augment_lib
 from jaxsurv import blending, evaluate, survival
+from jaxsurv.errors import TrainingError  # pylint: disable=unused-import
 from jaxsurv.data import clinical as clinical_lib
 from jaxsurv.data import splits as splits_lib
 from jaxsurv.losses import cox_ph_loss
 from jaxsurv.models import MMNN
 
 log = logging.getLogger("jaxsurv")
-
-
-class TrainingError(RuntimeError):
-  """Training stopped (e.g. a non-finite loss); the message says where."""
 
 
 # ----------------------------------------------------------------------------
