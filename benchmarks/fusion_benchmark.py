@@ -20,7 +20,9 @@ dropouts 0.455 / 0.365, L1 6.8e-6) and, as a simple reference, the
 concatenation baseline (``configs/fusion.py:model=concat,local``).
 
 The PyTorch reference (``TorchHEALNet`` below, written from the HEALNet
-description in PEERS.md §4.4-4.7, not from the peer's code) is the same
+paper (Hemker et al. 2024, Algorithms 1-2) and the description of
+konst-int-i/healnet's layers in ``jaxsurv/models/healnet.py``, not from the
+peer's code) is the same
 network -- per-modality pre-norm cross-attention with temperature 0.5 and
 LeakyReLU output, SELU-gated feed-forward, one token per tabular modality
 with its Fourier position features, mean-pooled latents -> LayerNorm ->

@@ -1,7 +1,7 @@
 """PyTorch reference of jaxsurv's MMNN train step, for side-by-side timing only.
 
 Written from the architecture description (Huang et al., CVPR 2017, 3D form;
-MMNN as described in PEERS.md §1.2-1.4 and ``jaxsurv/models/mmnn.py``), not
+MMNN as described in its paper's Fig. 4 and ``jaxsurv/models/mmnn.py``), not
 from any MONAI or MMNN source. It mirrors ``jaxsurv.train.train_step`` layer
 for layer so that both frameworks do the same work:
 

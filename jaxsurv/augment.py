@@ -5,10 +5,11 @@ and applied with a single trilinear resampling (``map_coordinates``), inside
 the jitted train step, so the host never touches the volumes. The same map
 is used for every channel, so T1c and T2 stay co-registered.
 
-Angles are in degrees. (The MMNN code passes ``range_x=15`` to MONAI, which
-reads radians, so its rotations span +-15 rad; and its augmentation never
-runs because the validation transforms overwrite the training ones, see
-PEERS.md §1.1.)
+Angles are in degrees. (The MMNN code passes ``range_x=15`` to MONAI's
+``RandRotate``, which reads radians, so its rotations span +-15 rad; and its
+augmentation never runs because the validation transforms overwrite the
+training ones, see DigITs-AIML/MMNN_STS ``main.py`` and
+``data/ImageDatasets.py``.)
 """
 
 from __future__ import annotations

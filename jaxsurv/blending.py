@@ -1,7 +1,7 @@
 """Gradient blending: per-head loss weights from overfitting vs generalisation.
 
 Wang, Tran & Feiszli, "What Makes Training Multi-Modal Classification Networks
-Hard?", CVPR 2020 (PEERS.md §2). A multimodal model has several heads k (the
+Hard?", CVPR 2020 (Section 3). A multimodal model has several heads k (the
 fused head and one head per modality); training minimises sum_k w_k L_k.
 Between two checkpoints N and N + n, with L^T the training loss and L^V a
 held-out loss:
@@ -15,21 +15,25 @@ jaxsurv's default ("sum" mode) follows the paper with the clamps of the tsai
 implementation (``tsai/callback/gblend.py``): dG is clamped at 0 (a head whose
 held-out loss rose gets weight 0) and dO^2 at ``eps_o2`` (no division by 0).
 If every dG <= 0 there is no evidence to blend on, so the previous weights are
-kept (PEERS.md §2 recommendation).
+kept (a jaxsurv choice, not from the paper).
 
-``mode="softmax"`` reproduces the MMNN code (PEERS.md §1.6) for comparison:
+``mode="softmax"`` reproduces the MMNN code (DigITs-AIML/MMNN_STS
+``losses/GradientBlender.py``) for comparison:
 w = softmax(dG / dO^2) with no clamps. It saturates to one-hot when dO is
 small and never gives a head weight 0, even when its held-out loss rose; it is
 off by default.
 
 Everything here runs on the host in numpy. The weights come back as a float32
 array ordered like the head names, so a jitted train step can take them as an
-array argument and never recompiles when they change (STYLE.md §3).
+array argument and never recompiles when they change (see the JAX
+documentation of ``jax.jit``: only static arguments are compile-time
+constants).
 
 What the losses should be (the trainer's job): each head's full loss (e.g.
 Cox_OS + Cox_DM) over a whole split, computed in eval mode at super-epoch
 boundaries, with the held-out split carved from the training set, not the
-model-selection validation set (PEERS.md §2).
+model-selection validation set (Wang et al. 2020, Section 3; likewise the
+tsai and MultiBench implementations).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ outcome, so every map lies in [0, 1] with 1 at its hottest voxel. A map whose
 maximum is 0 (no voxel raises the risk) stays all zeros; ``peak`` keeps the
 un-normalised maximum so that such maps and weak maps can be told apart.
 
-Differences from the MMNN implementation (PEERS.md §1.10), on purpose:
+Differences from the MMNN implementation (DigITs-AIML/MMNN_STS
+``utils/utils.py``), on purpose:
 * the layer is the last dense block's output (``"last_dense_block"``, all its
   channels), not the last 32-channel bottleneck conv of the block;
 * the ReLU of eq. 2 is applied (MMNN min-max scales the signed map);

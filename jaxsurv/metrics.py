@@ -1101,7 +1101,11 @@ def _dense_matrices(d: np.ndarray, e: np.ndarray, r: np.ndarray, tol: float):
 
 @jax.jit
 def _dense_replicates(m_ev, ev_idx, order, start, weights):
-  """Numerators and denominators of C_b = (w_b^T M w_b) / (w_b^T C w_b) (PERF.md 3.1).
+  """Numerators and denominators of C_b = (w_b^T M w_b) / (w_b^T C w_b).
+
+  Harrell's C of a case-weighted resample is this ratio of two quadratic
+  forms in the weights (derived here from scikit-survival's pair counting in
+  ``concordance_index_censored``; not taken from a paper).
 
   One GEMM over the event rows gives M w_b for all replicates; it is exact in
   float32 (weights are small integers, M holds halves, every partial sum is a
@@ -1170,7 +1174,8 @@ def weighted_concordance_index(duration, event, risk, weights, *, tied_tol: floa
     weights: ``[B, n]`` non-negative case weights (e.g. bootstrap counts) or ``[n]``.
     tied_tol: absolute tolerance for tied risks.
     method: "dense" builds the event-by-patient pair matrix on the host and
-      uses one GEMM (PERF.md section 3.1; O(B n^2) work, O(n^2) memory);
+      uses one GEMM (the quadratic form of ``_dense_replicates``; O(B n^2)
+      work, O(n^2) memory);
       "tree" uses the O(n log n) wavelet core per row (O(B n log n) work,
       O(B n) memory). "auto" picks dense up to 4096 patients: on 2 CPU cores
       at n = 1000, B = 1000 dense takes ~0.1 s and tree ~1 s.
@@ -1218,7 +1223,8 @@ def bootstrap_cindex(duration, event, risk, *, n_resamples: int = 1000, seed: in
   materialised copy (copies of one patient never form a comparable pair).
   Resamples are multinomial case weights (``bootstrap_weights``), and all
   replicates of a chunk are evaluated at once: one GEMM pair for small n
-  (PERF.md section 3.1), or the vmapped O(n log n) weighted core for larger n.
+  (the quadratic form of ``_dense_replicates``), or the vmapped O(n log n)
+  weighted core for larger n.
   There is no Python loop per resample (only per chunk of replicates).
 
   Args:

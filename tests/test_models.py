@@ -62,7 +62,7 @@ def tiny_bn(volumes):
 
 def test_densenet121_parameter_count():
   # MONAI DenseNet121(spatial_dims=3, in_channels=2) features: 11,264,576
-  # (PERF.md §1.1), plus the MMNN head Linear(1024 -> 12).
+  # (counted on the MONAI module), plus the MMNN head Linear(1024 -> 12).
   model = DenseNet3D()
   x = jax.ShapeDtypeStruct((1, 32, 32, 32, 2), jnp.float32)
   shapes = jax.eval_shape(
@@ -277,7 +277,8 @@ def test_clinical_mlp_default_layer_sizes():
   shapes = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), x)
   kernels = [shapes["params"][f"dense{i}"]["kernel"].shape for i in range(6)]
-  # MMNN: 11 -> 32 -> 16 -> 8 -> 8 -> 8 -> 12 (PEERS.md §1.3).
+  # MMNN: 11 -> 32 -> 16 -> 8 -> 8 -> 8 -> 12 (DigITs-AIML/MMNN_STS
+  # models/mlp.py).
   assert kernels == [(11, 32), (32, 16), (16, 8), (8, 8), (8, 8), (8, 12)]
   assert shapes["batch_stats"]["norm5"]["mean"].shape == (12,)
   for norm, has_stats in (("layer", False), ("none", False)):

@@ -369,7 +369,9 @@ def test_real_pyradiomics_brain_cases_through_a_manifest(tmp_path):
   assert mf.modality_presence(df, spec)["image"].all()
 
   cfg = mri.PreprocessConfig(grid=(48, 48, 48), margin_mm=10.0)
-  tumour_cm3 = {"brain1": 16.4, "brain2": 1.8}  # DATA.md §2(d), measured.
+  # Measured on the pyradiomics 3.0.1 label maps (AIM-Harvard/pyradiomics,
+  # data/).
+  tumour_cm3 = {"brain1": 16.4, "brain2": 1.8}
   for _, row in df.iterrows():
     case = mri.preprocess_case([row["t1c"], row["t2fs"]], row["mask"], cfg)
     assert case.volume.shape == (48, 48, 48, 2) and case.volume.dtype == np.float32

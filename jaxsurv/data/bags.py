@@ -1,9 +1,9 @@
 """Per-patient bags of tile features (WSI), their padding, and synthetic bags.
 
 A *bag* is one patient's tile embeddings, a float array ``[n_tiles, dim]``
-whose ``n_tiles`` varies from patient to patient (PEERS.md §3.6: PORPOISE
-concatenates the ``.pt`` feature files of all of a patient's slides). This
-module
+whose ``n_tiles`` varies from patient to patient (PORPOISE concatenates the
+``.pt`` feature files of all of a patient's slides: mahmoodlab/PORPOISE
+``datasets/dataset_survival.py``). This module
 
 * reads bags from ``.npy`` files (``numpy.load``, no pickles) and from
   ``.safetensors`` files. safetensors is read with numpy from its documented
@@ -14,11 +14,11 @@ module
   read: convert them to one of the two formats first;
 * pads variable-size bags to one array ``[n, max_tiles, dim]`` with a tile
   mask ``[n, max_tiles]`` (:func:`pad_bags`), subsampling larger bags;
-* generates synthetic bags (DATA.md §4.2) whose phenotype mix depends on a
-  real patient-level covariate such as the TCGA-BRCA PAM50 subtype and never
-  on the outcome (:func:`synthetic_bags`), and an independent-noise control
-  with the same marginal statistics but no relation to anything
-  (:func:`noise_bags`).
+* generates synthetic bags (jaxsurv's own generator) whose phenotype mix
+  depends on a real patient-level covariate such as the TCGA-BRCA PAM50
+  subtype and never on the outcome (:func:`synthetic_bags`), and an
+  independent-noise control with the same marginal statistics but no
+  relation to anything (:func:`noise_bags`).
 
 A bag with zero tiles is a *missing* modality for that patient (presence
 False), never an error and never a row of zeros treated as a tile.
@@ -302,9 +302,10 @@ def load_bags(patient_ids: Sequence[str],
 
   A patient may have several files (e.g. one per slide); their tiles are
   concatenated along the tile axis, as PORPOISE does for multi-slide
-  patients (PEERS.md §3.6). A patient absent from ``files``, mapped to
-  ``None`` or to an empty list, or whose files hold zero tiles in total, is
-  missing (presence False, bag ``[0, dim]``).
+  patients (mahmoodlab/PORPOISE ``datasets/dataset_survival.py``). A patient
+  absent from ``files``, mapped to ``None`` or to an empty list, or whose
+  files hold zero tiles in total, is missing (presence False, bag
+  ``[0, dim]``).
 
   Args:
     patient_ids: ``[n]`` patient ids.
@@ -442,7 +443,7 @@ def pad_bags(bags: Sequence[np.ndarray | None], max_tiles: int | None = None, *,
 
 
 # ----------------------------------------------------------------------------
-# Synthetic bags (DATA.md §4.2).
+# Synthetic bags (jaxsurv's own generator; no published model).
 # ----------------------------------------------------------------------------
 
 
@@ -501,7 +502,7 @@ def synthetic_bags(labels: Sequence[Hashable], *, patient_ids: Sequence[str],
                    phenotype_scale: float = 1.0, tile_noise: float = 1.0,
                    sites: Sequence[Hashable] | None = None, site_shift: float = 0.0,
                    site_scale: float = 0.0) -> SyntheticBags:
-  """Synthetic WSI tile-feature bags driven by a patient-level label (DATA.md §4.2).
+  """Synthetic WSI tile-feature bags driven by a patient-level label.
 
   Generative model, per patient i with label L_i:
 
@@ -534,8 +535,8 @@ def synthetic_bags(labels: Sequence[Hashable], *, patient_ids: Sequence[str],
       ``"2"`` are the same label). Missing labels raise.
     patient_ids: ``[n]`` unique patient ids.
     n_tiles_range: inclusive ``(lo, hi)`` tiles per patient, ``0 <= lo <=
-      hi``. DATA.md suggests 200-2000 for realism; the default is smaller for
-      speed. ``lo = 0`` allows empty (missing) bags.
+      hi``. 200-2000 tiles per patient is more realistic; the default is
+      smaller for speed. ``lo = 0`` allows empty (missing) bags.
     dim: embedding dim (384/768/1024 for ViT-S/B/L-like extractors).
     n_phenotypes: K (at most 6 named phenotypes; more are named
       ``phenotype<k>``).
@@ -646,7 +647,8 @@ def noise_bags(patient_ids: Sequence[str], *, n_tiles_range: tuple[int, int] = (
   means and tile statistics look alike), but every patient draws its
   proportions from the one shared base concentration: bags depend only on
   ``(seed, patient_id)``, not on any covariate, label or outcome. A fusion
-  model given these bags should learn to ignore them (DATA.md §3, CM-MMF).
+  model given these bags should learn to ignore them (a jaxsurv control for
+  the CM-MMF runs).
 
   Args and Returns: as :func:`synthetic_bags`.
 

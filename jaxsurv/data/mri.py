@@ -26,8 +26,10 @@ turns it into a float32 ``[depth, height, width, channels]`` array:
    resampling T2 onto T1's physical grid and then cropping, but interpolates
    each channel once instead of twice. The mask uses nearest neighbour.
 7. Optional masking to tumour plus periphery (the MMNN image branch multiplies
-   the image by the tumour mask, PEERS.md §1.1; here the mask can be dilated by
-   ``periphery_mm`` millimetres, measured with a Maurer distance map).
+   the image by the tumour mask, DigITs-AIML/MMNN_STS ``data/ImageDatasets.py``;
+   its paper's Methods keep "the tumor volume and immediate perilesional
+   area"; here the mask can be dilated by ``periphery_mm`` millimetres,
+   measured with a Maurer distance map).
 8. Resize to ``cfg.grid`` (Gaussian anti-aliasing when shrinking, as in
    scikit-image ``resize(anti_aliasing=True)``: sigma = (factor - 1) / 2 input
    voxels), then per-channel z-score over the tumour-mask voxels.
@@ -840,7 +842,8 @@ def _check_covers(img: sitk.Image, iso_mask: sitk.Image, path: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# Real scans shipped in the pyradiomics source distribution (DATA.md §2(d)).
+# Real scans shipped in the pyradiomics source distribution (its ``data/``
+# folder; AIM-Harvard/pyradiomics on GitHub).
 
 PYRADIOMICS_VERSION = "3.0.1"
 PYRADIOMICS_CASES = ("brain1", "brain2", "breast1", "lung1", "lung2")
@@ -850,7 +853,8 @@ def pyradiomics_cases(cases: Sequence[str] = ("brain1", "brain2")) -> dict[str, 
   """Fetches (once) real tumour scans + label maps from the pyradiomics 3.0.1 sdist.
 
   brain1/brain2: brain MRI (apparently T1 post-contrast) with tumour label
-  maps, NRRD; lung1/lung2: CT; breast1: MRI crop (DATA.md §2(d)). BSD-3
+  maps, NRRD; lung1/lung2: CT; breast1: MRI crop (AIM-Harvard/pyradiomics,
+  ``data/``). BSD-3
   (Harvard); ``LICENSE.txt`` is extracted alongside. No outcomes exist.
 
   Returns:

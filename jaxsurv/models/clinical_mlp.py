@@ -1,7 +1,8 @@
 """Clinical-variable MLP encoder, Flax Linen (MMNN's clinical branch).
 
-Layer widths follow MMNN (PEERS.md §1.3): 11 inputs -> 32 -> 16 -> 8 -> 8 -> 8
--> 12-feature embedding. Every layer is Dense -> norm -> ReLU -> dropout, the
+Layer widths follow MMNN (DigITs-AIML/MMNN_STS ``models/mlp.py``; the MMNN
+paper's Fig. 4A): 11 inputs -> 32 -> 16 -> 8 -> 8 -> 8 -> 12-feature
+embedding. Every layer is Dense -> norm -> ReLU -> dropout, the
 embedding layer included (MMNN also ends its feature layer with a ReLU).
 
 Deliberate deviations from the MMNN code, which has two quirks:
@@ -16,7 +17,8 @@ Deliberate deviations from the MMNN code, which has two quirks:
   ReLU(m * x) = m * ReLU(x) for a non-negative mask m).
 
 The input width is taken from the data (11 in MMNN: clinical variables that
-the data layer has already standardised and imputed; see PEERS.md §1.12).
+the data layer has already standardised and imputed, which the MMNN code,
+DigITs-AIML/MMNN_STS ``data/utils.py``, does not do).
 """
 
 from __future__ import annotations

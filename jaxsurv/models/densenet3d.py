@@ -2,7 +2,7 @@
 
 Architecture of Huang et al., "Densely Connected Convolutional Networks",
 CVPR 2017, in the 3D form MONAI implements (``monai.networks.nets.DenseNet``)
-and MMNN uses as its MRI branch (PEERS.md §1.2):
+and MMNN uses as its MRI branch (DigITs-AIML/MMNN_STS ``models/densenet.py``):
 
 * stem: Conv 7^3 stride 2 (no bias) -> norm -> ReLU -> max-pool 3^3 stride 2;
 * dense block i: ``block_config[i]`` dense layers, each
@@ -19,7 +19,8 @@ like ``torch.nn.Dropout3d``), because MONAI's dropout factory returns
 ``Dropout3d`` for 3 spatial dims.
 
 Parameter count: DenseNet-121 with 2 input channels has 11,264,576 parameters
-up to and including norm5 (the MONAI feature extractor, PERF.md §1.1); the
+up to and including norm5 (the ``features`` module of MONAI's
+``DenseNet121(spatial_dims=3, in_channels=2)`` has the same count); the
 1024 -> 12 head adds 12,300, for 11,276,876 in total. Normalisation running
 statistics are in the ``batch_stats`` collection, not in ``params``.
 
@@ -186,7 +187,9 @@ class DenseNet3D(nn.Module):
         transition), ``[batch, d_i, h_i, w_i, c_i]``;
       * ``"last_dense_block"``: the last dense block's output (before norm5),
         ``[batch, d, h, w, c_final]`` (2^3 x 1024 for DenseNet-121 at 64^3). Use
-        this for Grad-CAM (PEERS.md §1.12);
+        this for Grad-CAM (the MMNN paper, Methods, "Model interpretation",
+        takes its heat maps from the image subnetwork's final convolutional
+        layer);
       * ``"feature_map"``: ReLU(norm5(last block)), the pre-pool map, same shape;
       * ``"pooled"``: global average pool, ``[batch, c_final]`` float32.
 

@@ -16,8 +16,9 @@ that a single trainer can drive them all::
   for that patient: its values may be garbage (even NaN) and never influence
   the output. A bag with no valid tile counts as missing.
 * ``out`` is ``[batch, n_out]`` float32: ``n_out`` time-bin logits for the
-  discrete-time NLL (hazard = sigmoid(logit); default 4 bins, PEERS.md §3.4)
-  or ``n_out=1`` for a Cox log-hazard (higher = higher risk).
+  discrete-time NLL (hazard = sigmoid(logit); default 4 bins, as PORPOISE's
+  ``NLLSurvLoss``, mahmoodlab/PORPOISE ``utils/loss_func.py``) or
+  ``n_out=1`` for a Cox log-hazard (higher = higher risk).
 * ``aux`` holds named intermediates: ``"presence"`` (effective presence per
   modality, ``[batch]`` bool), ``"embeddings"`` (per modality
   ``[batch, embed_dim]``, zero where missing), ``"mil_attention"`` (per bag
@@ -35,7 +36,7 @@ Models:
     ``CrossModalAttentionFusion``.
   * ``ConcatFusion``, ``MeanFusion``, ``BilinearFusion``: baselines.
   * ``PorpoiseGatedLateFusion``: PORPOISE's MMF (Chen et al., Cancer Cell 2022;
-    PEERS.md §3.3).
+    mahmoodlab/PORPOISE ``models/model_porpoise.py``).
   * ``Unimodal``: one SNN or AttentionMIL with a head.
 """
 
@@ -280,8 +281,9 @@ class CrossModalAttentionFusion(nn.Module):
   ``share_weights=True`` (the paper's proposed design, Table 2 strategy 4)
   V and w are the same for every modality (the paper's "two 1x1 convolutions
   with shareable kernels"; PORPOISE's non-gated ``Attn_Net`` applied to the
-  stack of embeddings, PEERS.md §3.10); ``share_weights=False`` gives each
-  modality its own V_m, w_m (Table 2 strategies 1/3).
+  stack of embeddings, mahmoodlab/PORPOISE ``models/model_porpoise.py``);
+  ``share_weights=False`` gives each modality its own V_m, w_m (Table 2
+  strategies 1/3).
 
   Attributes:
     attn_dim: N, the width of V (not given in the paper; 128 here).
@@ -335,9 +337,10 @@ class CrossModalAttentionFusion(nn.Module):
 class GatedKroneckerFusion(nn.Module):
   """Gated Kronecker-product fusion (Pathomic Fusion / PORPOISE BilinearFusion).
 
-  PEERS.md §3.3: per modality i, ``h_i = ReLU(Dense(s)(v_i))``; with gating
-  ``z_i = Dense(s)([v_1; ...; v_M])`` and ``o_i = Dropout(ReLU(Dense(s)(
-  sigmoid(z_i) * h_i)))``, without gating
+  As PORPOISE's ``BilinearFusion`` (mahmoodlab/PORPOISE
+  ``models/model_porpoise.py``): per modality i, ``h_i = ReLU(Dense(s)(v_i))``;
+  with gating ``z_i = Dense(s)([v_1; ...; v_M])`` and
+  ``o_i = Dropout(ReLU(Dense(s)(sigmoid(z_i) * h_i)))``, without gating
   ``o_i = Dropout(ReLU(Dense(s)(h_i)))``.
   Each ``o_i`` gets a constant 1 appended and the outer product over all
   modalities is flattened (``(s+1)^M``; 33 x 33 = 1089 for PORPOISE) ->
@@ -484,7 +487,8 @@ class CMMMF(_FusionBase):
   Prediction" (section numbers below refer to that paper):
 
   * unimodal embeddings (§2.1): AttentionMIL with rho to 128 for bags, SNN to
-    128 for tabular modalities (PEERS.md §3.10);
+    128 for tabular modalities (PORPOISE's blocks, mahmoodlab/PORPOISE
+    ``models/model_porpoise.py``, with rho and the SNN at 128 instead of 256);
   * normalisation of the embeddings to [0, 1] before fusion (§2.2, §3.4;
     read here as per-patient, per-modality min-max, ``embedding_norm``);
   * ``CrossModalAttentionFusion`` with shared V, w and tanh (eq. 1-2);
@@ -640,8 +644,9 @@ class BilinearFusion(_FusionBase):
 
 
 class PorpoiseGatedLateFusion(_FusionBase):
-  """PORPOISE MMF (Chen et al., Cancer Cell 2022; PEERS.md §3.1-3.3).
+  """PORPOISE MMF (Chen et al., Cancer Cell 2022).
 
+  As ``PorpoiseMMF`` in mahmoodlab/PORPOISE ``models/model_porpoise.py``.
   WSI: ``[input dropout] -> Dense(512) -> ReLU -> Dropout(.25) -> gated
   attention (D=256) -> pooled 512 -> rho Dense(256) -> ReLU -> Dropout(.25)``;
   omics: 2 SNN blocks ``omic_dim -> 256 -> 256`` with **ELU** and
@@ -660,7 +665,8 @@ class PorpoiseGatedLateFusion(_FusionBase):
   ``GatedKroneckerFusion`` / ``ConcatFusion``. More than 2 modalities (e.g. a
   separate clinical modality) use the M-way product. Initialisation:
   Xavier-normal for the WSI branch and fusion, as PORPOISE; the SNN uses
-  LeCun-normal (PORPOISE's MMF leaves PyTorch's default there, PEERS §3.2).
+  LeCun-normal (PORPOISE's MMF leaves PyTorch's default there; only its
+  standalone SNN calls ``init_max_weights``, ``models/model_utils.py``).
 
   Attributes (besides ``_FusionBase``'s):
     fusion: ``"bilinear"`` or ``"concat"``.

@@ -2,14 +2,14 @@
 
 Hemker, Simidjievski & Jamnik, "HEALNet - Hybrid Multi-Modal Fusion for
 Heterogeneous Biomedical Data", NeurIPS 2024 (Algorithms 1-2, eqs. 1-3),
-re-implemented
-from the paper and the behaviour of konst-int-i/healnet v0.1.0 as recorded in
-PEERS.md §4 (no peer code copied).
+re-implemented from the paper and from the behaviour of the authors'
+released code, konst-int-i/healnet v0.1.0 ("the peer" below; its model is
+``healnet/models/healnet.py``; no peer code copied).
 
 A learned latent array ``S`` ``[num_latents, latent_dim]`` (standard normal
-init as the peer code, §4.2; the paper's Algorithm 1 says U(0, 1)) is
-broadcast over the batch and updated once per layer and
-modality (§4.4)::
+init as the peer's ``HealNet.__init__``; the paper's Algorithm 1, Appendix
+A, says U(0, 1)) is broadcast over the batch and updated once per layer and
+modality (paper Algorithm 2; peer ``HealNet.forward``)::
 
   for layer in range(depth):
     for m in modalities:
@@ -21,22 +21,25 @@ modality (§4.4)::
       S = where(present_m[b], S', S)                  # per-patient skip
   out = Dense(n_out)(LN(mean_over_latents(S)))
 
-Details (PEERS.md §4.5-4.7):
+Details (peer ``healnet/models/healnet.py``: ``Attention``, ``FeedForward``,
+``fourier_encode``):
 
 * Attention: ``q = W_q LN(S)``, ``k, v = W_kv LN(tokens)`` (no biases);
   ``softmax(q k^T / sqrt(d_head) / T)`` with temperature ``T = 0.5`` (the
   peer's fixed temperature, i.e. logits x 2), attention dropout, then
   ``Dense(latent_dim)`` and LeakyReLU(0.01). Padded tokens are masked.
-* Feed-forward ("SNN" block, §4.6): ``Dense(latent_dim -> 2 * 4 * latent_dim)``
-  split into ``(a, g)``, ``a * SELU(g)`` (GELU with ``snn=False``),
-  ``Dense(-> latent_dim)``, dropout; pre-LayerNorm and a residual.
+* Feed-forward ("SNN" block, peer ``FeedForward`` with ``snn=True``):
+  ``Dense(latent_dim -> 2 * 4 * latent_dim)`` split into ``(a, g)``,
+  ``a * SELU(g)`` (GELU with ``snn=False``), ``Dense(-> latent_dim)``,
+  dropout; pre-LayerNorm and a residual.
   Like the peer it has no AlphaDropout or LeCun init.
-* Fourier position encoding (§4.7): per axis, positions ``x`` in [-1, 1] and
-  scales ``linspace(1, max_freq / 2, num_freq_bands)`` give
+* Fourier position encoding (peer ``fourier_encode``): per axis, positions
+  ``x`` in [-1, 1] and scales ``linspace(1, max_freq / 2, num_freq_bands)`` give
   ``[sin(pi s x), cos(pi s x), x]`` (``2 B + 1`` channels per axis),
   concatenated onto the token channels.
 
-Tokenisation (a deliberate choice, PEERS.md §4.8 / §4.11):
+Tokenisation (a deliberate choice; the peer's TCGA inputs are built in
+``tasks.py``, ``healnet/etl/loaders.py`` and ``config/main_gpu.yml``):
 
 * tabular, ``tabular_tokens="vector"`` (default; the peer's TCGA setting
   ``omic_attention: True``): the whole feature vector is ONE token
@@ -59,15 +62,18 @@ Tokenisation (a deliberate choice, PEERS.md §4.8 / §4.11):
   Parameters then depend on ``n_tiles`` and tile order matters; use it only
   to replicate the peer.
 
-Missing modalities (§4.9/§4.11): per patient, not per batch. A modality that
-is absent for patient b (``presence`` False, or a bag with no valid tile)
-skips its whole step for that patient -- cross-attention, feed-forward and
-the self-attention that follows it -- so the latent passes through unchanged:
+Missing modalities (the peer skips them per whole batch, in
+``HealNet.forward``; see also konst-int-i/healnet issue #30): here per
+patient, not per batch. A modality that is absent for patient b
+(``presence`` False, or a bag with no valid tile) skips its whole step for
+that patient -- cross-attention, feed-forward and the self-attention that
+follows it -- so the latent passes through unchanged:
 ``S = where(present, S_updated, S)``. Missing inputs are also zeroed before
 use, so garbage (even NaN) reaches neither the output nor the gradients.
 A patient with no modality at all gets the prediction of the learned latents.
 
-Weight sharing (``weight_sharing``; §4.3):
+Weight sharing (``weight_sharing``; peer ``cache_fn`` and
+``weight_tie_layers`` in ``HealNet.__init__``):
 
 * ``"none"``: every layer has its own weights (peer default and the released
   paper configs ``weight_tie_layers=False``);
@@ -78,7 +84,8 @@ Weight sharing (``weight_sharing``; §4.3):
 * ``"perceiver"``: the peer's ``weight_tie_layers=True``: layer 0 has its own
   weights, layers 1..depth-1 share one set. Unlike the peer, the
   feed-forward stays modality-specific in the shared layers (the peer's
-  cache key makes it shared across modalities, PEERS.md §4.3, an accident).
+  cache key makes it shared across modalities, ``HealNet.__init__``, an
+  accident).
 
 Early fusion (``early_fusion=True``; the paper's "Early Fusion" baseline
 restricted to what can be concatenated): all tabular modalities are
@@ -110,8 +117,8 @@ BAG_TOKENS = ("tiles", "channels")
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
                                                      "uniform")
 
-# Released per-cohort hyperparameters (konst-int-i/healnet
-# config/best_hyperparams.yml; PEERS.md §4.1). Shared by all four:
+# Released per-cohort hyperparameters (konst-int-i/healnet v0.1.0,
+# config/best_hyperparams.yml). Shared by all four:
 # cross_heads=1, self_per_cross_attn=0, num_freq_bands=2, max_freq=2.0,
 # fourier_encode_data=True, weight sharing off, snn=True, 4 time bins.
 # "l1" is the coefficient for ``l1_penalty`` (not a model field).
@@ -134,7 +141,7 @@ del _cfg
 
 
 def fourier_encode(pos, num_bands: int, max_freq: float):
-  """Fourier features of positions (HEALNet / Perceiver; PEERS.md §4.7).
+  """Fourier features of positions, as HEALNet's ``fourier_encode``.
 
   Args:
     pos: ``[..., n_axes]`` positions, expected in ``[-1, 1]``.
@@ -165,12 +172,14 @@ def grid_positions(n: int):
 def l1_penalty(params, include: str = "all"):
   """Sum of absolute parameter values, HEALNet's L1 regulariser.
 
-  ``include="all"`` matches the peer (PEERS.md §4.10): every leaf, i.e. the
+  ``include="all"`` matches the peer (konst-int-i/healnet
+  ``healnet/utils/train_utils.py``): every leaf, i.e. the
   latent array, attention/feed-forward kernels, biases and LayerNorm scales
   and offsets. ``include="kernels"`` sums only leaves named ``kernel``
   (Dense weights), the usual choice when biases and norms should not be
   shrunk. The caller multiplies by the coefficient (``PAPER_CONFIGS[c]["l1"]``);
-  note the peer adds it to ``loss / 16`` every step, i.e. effectively 16x.
+  note the peer adds it to ``loss / 16`` every step, i.e. effectively 16x
+  (``healnet/main.py``).
 
   Args:
     params: a parameter pytree (e.g. ``variables["params"]``).
@@ -196,7 +205,7 @@ def l1_penalty(params, include: str = "all"):
 
 
 class Attention(nn.Module):
-  """Multi-head (cross-)attention as in HEALNet (PEERS.md §4.5).
+  """Multi-head (cross-)attention as in HEALNet (peer ``Attention``).
 
   Attributes:
     heads: number of heads.
@@ -252,7 +261,7 @@ class GatedFeedForward(nn.Module):
 
   ``[..., d] -> [..., d]``; the hidden width is ``mult * d`` (the first Dense
   outputs ``2 * mult * d``, split into value ``a`` and gate ``g``;
-  PEERS.md §4.6). ``snn=False`` uses GELU for the gate (GEGLU).
+  peer ``FeedForward``). ``snn=False`` uses GELU for the gate (GEGLU).
 
   Attributes:
     mult: hidden width multiplier (4).
@@ -377,7 +386,8 @@ class HEALNet(nn.Module):
 
   See the module docstring for the architecture, tokenisation, missing
   modalities, weight sharing and early fusion. Defaults are the peer's
-  constructor defaults (PEERS.md §4.1); ``PAPER_CONFIGS[cohort]`` holds the
+  constructor defaults (konst-int-i/healnet v0.1.0, ``HealNet.__init__`` in
+  ``healnet/models/healnet.py``); ``PAPER_CONFIGS[cohort]`` holds the
   released TCGA settings (drop its ``"l1"`` key before passing it).
 
   Attributes:

@@ -5,7 +5,8 @@ ICML 2018, eq. 9 (gated attention): for instance embeddings ``h_k``::
 
   a_k = softmax_k( w^T ( tanh(V h_k) * sigmoid(U h_k) ) ),   z = sum_k a_k h_k
 
-PORPOISE's ``PorpoiseAMIL`` / MMF WSI branch (PEERS.md §3.1) wraps this as:
+PORPOISE's ``PorpoiseAMIL`` / MMF WSI branch (mahmoodlab/PORPOISE
+``models/model_porpoise.py``) wraps this as:
 optional input dropout -> ``Linear(1024 -> 512) -> ReLU -> Dropout(0.25)`` ->
 gated attention (L=512, D=256, dropout 0.25 after tanh and sigmoid) ->
 attention pooling -> ``rho = Linear(512 -> 256) -> ReLU -> Dropout(0.25)``.

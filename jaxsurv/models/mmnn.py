@@ -1,7 +1,10 @@
 """MMNN: 3D DenseNet image branch + clinical MLP, late concatenation fusion.
 
-Re-implementation of the multimodal network of MMNN (DigITs-AIML/MMNN_STS;
-PEERS.md §1.2-1.4) from its description, not its code:
+Re-implementation of the multimodal network of MMNN ("A multimodal neural
+network with gradient blending improves predictions of survival and metastasis
+in sarcoma", Fig. 4; code DigITs-AIML/MMNN_STS ``models/densenet.py``,
+``models/mlp.py``, ``models/multimodal.py``) from its description, not its
+code:
 
 * image branch: ``DenseNet3D`` (DenseNet-121, 2-channel T1/T2 MRI) -> 12-d
   embedding;
@@ -10,7 +13,7 @@ PEERS.md §1.2-1.4) from its description, not its code:
   outcome, ``[batch, n_outcomes]`` (column 0 = OS, column 1 = DM by default);
 * gradient-blending heads: Linear(12 -> n_outcomes) on each embedding alone,
   so that ``jaxsurv.blending`` can weight the three Cox losses
-  (Wang et al., CVPR 2020; PEERS.md §2).
+  (Wang, Tran & Feiszli, CVPR 2020).
 
 Higher output = higher log-hazard = higher risk (jaxsurv's convention).
 

@@ -5,8 +5,9 @@ Networks", NeurIPS 2017: Dense layers with LeCun-normal weights
 (N(0, 1/fan_in)), the SELU activation and AlphaDropout keep activations near
 zero mean and unit variance without any normalisation layer.
 
-PORPOISE / MCAT (PEERS.md §3.2) use the same block with **ELU** instead of
-SELU (``SNN_Block = Linear -> ELU -> AlphaDropout(0.25)``); the ``activation``
+PORPOISE / MCAT (mahmoodlab/PORPOISE ``models/model_utils.py``) use the
+same block with **ELU** instead of SELU
+(``SNN_Block = Linear -> ELU -> AlphaDropout(0.25)``); the ``activation``
 field selects either. AlphaDropout always uses SELU's saturation value
 (as PyTorch's ``nn.AlphaDropout`` does), so with ELU the block is only
 "self-normalising" in name.
