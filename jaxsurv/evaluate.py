@@ -110,6 +110,51 @@ def evaluate_outcome(*, risk: np.ndarray, duration: np.ndarray, event: np.ndarra
   return out
 
 
+def report_outcomes(outcomes: Sequence[str], risk: Mapping[str, np.ndarray],
+                    targets: Mapping[str, tuple], *, horizons_years: Sequence[float],
+                    bootstrap_resamples: int = 0, seed: int = 0,
+                    parts: Sequence[str] = ("val", "test")) -> tuple[dict, dict]:
+  """The evaluation report of any run: ``evaluate_outcome`` per part and outcome.
+
+  The same report (and so the same ``results.json`` keys) for every model
+  family: Harrell's and Uno's C, the integrated Brier score and the
+  time-dependent AUC at the horizons from a Breslow baseline fitted on the
+  training part's risks, and the bootstrap SD and 95% CI of Harrell's C.
+
+  Args:
+    outcomes: outcome names, e.g. ``("os", "dm")``.
+    risk: ``{part: [n, outcomes]}`` risk scores (higher = earlier event);
+      must include ``"train"``.
+    targets: ``{part: (duration [n, outcomes] days, event [n, outcomes],
+      outcome_mask [n, outcomes])}`` (``jaxsurv.tasks`` ``targets``).
+    horizons_years, bootstrap_resamples, seed: see ``evaluate_outcome``.
+    parts: the parts to report.
+
+  Returns:
+    ``(report, baselines)``: ``{part: {outcome: metrics}}`` (an outcome
+    without an event in the training part is left out) and ``{outcome:
+    survival.BreslowBaseline}`` fitted on the training part.
+  """
+  d_tr, e_tr, m_tr = targets["train"]
+  baselines, report = {}, {}
+  for j, o in enumerate(outcomes):
+    m = m_tr[:, j]
+    if m.any() and e_tr[m, j].any():
+      baselines[o] = survival.BreslowBaseline.fit(risk["train"][m, j], d_tr[m, j], e_tr[m, j])
+  for name in parts:
+    d, e, msk = targets[name]
+    report[name] = {}
+    for j, o in enumerate(outcomes):
+      if o not in baselines:
+        continue
+      m, mt = msk[:, j], m_tr[:, j]
+      report[name][o] = evaluate_outcome(
+          risk=risk[name][m, j], duration=d[m, j], event=e[m, j],
+          train_risk=risk["train"][mt, j], train_duration=d_tr[mt, j], train_event=e_tr[mt, j],
+          horizons_years=horizons_years, bootstrap_resamples=bootstrap_resamples, seed=seed)
+  return report, baselines
+
+
 def survival_columns(prefix: str, baseline: survival.BreslowBaseline, risk: np.ndarray,
                      horizons_years: Sequence[float]) -> dict:
   """Per-patient S(h) and P(event by h) columns for the predictions CSV."""

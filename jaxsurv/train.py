@@ -1,101 +1,63 @@
-"""MMNN training: one jitted, data-parallel train step; selection; evaluation.
+"""MMNN runs on the shared trainer: data, gradient blending, reports.
 
-``train_and_evaluate(config, workdir)`` runs the whole job:
+``train_and_evaluate(config, workdir)`` runs the whole MMNN job; the loop,
+the jitted data-parallel step, selection, checkpoints and resume are
+``jaxsurv.trainer``'s, the same for every model family:
 
 1. Data: the cohort is prepared once (``jaxsurv.data.prepare``), split per
    patient (saved to ``WORKDIR/splits.json``), the clinical preprocessing is
    fitted on the training split only (``WORKDIR/preprocess.json``).
-2. Training: ``train_step(state, batch, rng, blend_weights)`` is jitted with
-   the state donated, the batch sharded over a ``("data",)`` mesh of all
-   devices. The Cox partial likelihood is computed over the **global** batch:
-   the mesh only shards the computation, the risk set is never one device's
-   slice. Blend weights are an array argument, so updating them never
-   recompiles. Augmentation runs inside the step.
-3. Gradient blending (Wang et al. 2020) every ``blend.every_epochs`` epochs,
-   from eval-mode losses on the training part and on a held-out part carved
-   from the training split.
+2. Training: the model is ``config.model.name == "mmnn"`` (3D DenseNet +
+   clinical MLP), the task ``jaxsurv.tasks.CoxHeads``: the Cox partial
+   likelihood of every head over the **global** batch (the mesh only shards
+   the computation, the risk set is never one device's slice), weighted by
+   the blend weights, an array argument (updating them never recompiles).
+   Augmentation (flips, rotations, zoom; ``jaxsurv.augment``) runs inside the
+   step.
+3. Gradient blending (Wang, Tran & Feiszli, CVPR 2020) every
+   ``blend.every_epochs`` epochs, from eval-mode losses on the training part
+   and on a held-out part carved from the training split (``BlendController``).
 4. Selection: the unweighted multimodal-head Cox loss on the **whole**
    validation split, every epoch. Orbax keeps the latest checkpoint (resume)
-   and the best one.
-5. Evaluation of the best checkpoint on the validation and test splits:
-   ``WORKDIR/results.json``, ``predictions.csv`` and PNG plots.
+   and the selected one.
+5. Evaluation of the selected checkpoint on the validation and test splits
+   (``evaluate.report_outcomes``): ``WORKDIR/results.json``,
+   ``predictions.csv`` and PNG plots.
 
-Resume order: a checkpoint in the workdir, else scratch. A run killed and
-restarted with the same command continues from the last completed epoch and
-ends with the same metrics as an uninterrupted run (the data order and RNG of
-every epoch derive from the seed and the epoch number).
+A run killed and restarted with the same command continues from the last
+completed epoch and ends with the same metrics as an uninterrupted run (the
+data order and RNG of every epoch derive from the seed and the epoch number).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
-import math
-import os
 import pathlib
-import time
-from typing import Any, Mapping
+from typing import Mapping
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 import pandas as pd
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsurv import augment as augment_lib
-from jaxsurv import blending, evaluate, survival
-from jaxsurv.errors import TrainingError  # pylint: disable=unused-import
+from jaxsurv import blending, evaluate, tasks
 from jaxsurv.data import clinical as clinical_lib
 from jaxsurv.data import splits as splits_lib
-from jaxsurv.losses import cox_ph_loss
-from jaxsurv.models import MMNN
+from jaxsurv.errors import TrainingError, UserError  # pylint: disable=unused-import
+from jaxsurv.models import MMNN, registry
+from jaxsurv.trainer import loop
+from jaxsurv.trainer.loop import checkpoint_manager  # pylint: disable=unused-import
+from jaxsurv.trainer.step import TrainState, variables  # pylint: disable=unused-import
 
 log = logging.getLogger("jaxsurv")
 
 
 # ----------------------------------------------------------------------------
-# State.
+# Model, task, augmentation.
 # ----------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Explicit training state: step counter, parameters, BN statistics, optimiser."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """Optax chain: SGD+Nesterov (paper) or AdamW, one-cycle schedule, accumulation.
-
-  Returns ``(tx, schedule)``; the schedule counts optimiser updates (after
-  gradient accumulation).
-  """
-  o = config.optimizer
-  total_updates = max(1, steps_per_epoch * config.num_epochs // config.grad_accum_steps)
-  schedule = optax.cosine_onecycle_schedule(
-      transition_steps=total_updates, peak_value=o.lr, pct_start=o.pct_start,
-      div_factor=o.div_factor, final_div_factor=o.final_div_factor)
-  if o.name == "sgd":
-    # PyTorch-style coupled weight decay (grad += wd * param), as in the paper.
-    tx = optax.chain(optax.add_decayed_weights(o.weight_decay),
-                     optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov))
-  elif o.name == "adam":
-    tx = optax.adamw(schedule, weight_decay=o.weight_decay)
-  else:
-    raise ValueError(f"config.optimizer.name must be 'sgd' or 'adam', got {o.name!r}")
-  if config.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
-  return tx, schedule
 
 
 def build_model(config: ml_collections.ConfigDict) -> MMNN:
@@ -111,77 +73,50 @@ def build_model(config: ml_collections.ConfigDict) -> MMNN:
 
 
 def head_names(config) -> tuple[str, ...]:
+  """``("mm", "image", "clinical")`` for the multimodal model, else ``("mm",)``."""
   mods = tuple(config.model.modalities)
   return ("mm",) + mods if len(mods) > 1 else ("mm",)
 
 
-# ----------------------------------------------------------------------------
-# The train step (pure) and the eval forward pass.
-# ----------------------------------------------------------------------------
+def make_task(config) -> tasks.CoxHeads:
+  return tasks.CoxHeads(heads=head_names(config), outcomes=tuple(config.data.outcomes),
+                        ties=config.loss.ties)
 
 
-def _variables(params, batch_stats):
-  return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+@dataclasses.dataclass(frozen=True)
+class ImageAugment:
+  """Random 3D flips, rotations and zoom of ``inputs["image"]`` inside the step
+  (``jaxsurv.augment.augment_batch``; MMNN paper, Methods)."""
+  flip_prob: float
+  max_rotation_deg: float
+  zoom_range: tuple
+
+  def __call__(self, keys, inputs, presence):
+    if inputs.get("image") is None:
+      return inputs, presence
+    image = augment_lib.augment_batch(keys[0], inputs["image"], flip_prob=self.flip_prob,
+                                      max_rotation_deg=self.max_rotation_deg,
+                                      zoom_range=self.zoom_range)
+    return dict(inputs, image=image), presence
 
 
-def cox_head_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
-                    heads, ties: str) -> dict:
-  """Per head: sum over outcomes of the mean-per-event Cox loss over the batch.
-
-  ``batch["outcome_mask"]`` ``[batch, outcomes]`` drops a patient from one
-  outcome (missing endpoint); ``batch["mask"]`` ``[batch]`` drops padding.
-  """
-  mask = jnp.logical_and(batch["outcome_mask"], batch["mask"][:, None])
-  return {k: jnp.sum(cox_ph_loss(outputs[k].astype(jnp.float32), batch["duration"],
-                                 batch["event"], ties=ties, mask=mask))
-          for k in heads}
+def make_augment(config) -> ImageAugment | None:
+  aug = config.augment
+  if not aug.enabled or "image" not in config.model.modalities:
+    return None
+  return ImageAugment(float(aug.flip_prob), float(aug.max_rotation_deg),
+                      tuple(float(z) for z in aug.zoom_range))
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
-               blend_weights: jax.Array, *, model: nn.Module, tx, heads, ties: str,
-               augment_cfg: Mapping[str, Any] | None):
-  """One optimisation step on a global batch.
-
-  Args:
-    state: the TrainState (donated).
-    batch: ``image [batch, depth, height, width, channels]``, ``clinical
-      [batch, features]``, ``duration [batch, outcomes]`` (days), ``event
-      [batch, outcomes]``, ``outcome_mask [batch, outcomes]``, ``mask [batch]``.
-    rng: a key; folded with the step for augmentation and dropout.
-    blend_weights: ``[len(heads)]`` loss weights of the heads (array input:
-      changing them does not recompile).
-
-  Returns:
-    ``(new_state, measurements)`` with the blended loss and each head's loss.
-  """
-  rng = jax.random.fold_in(rng, state.step)
-  rng_aug, rng_dropout = jax.random.split(rng)
-  image = batch["image"]
-  if augment_cfg is not None and image is not None:
-    image = augment_lib.augment_batch(rng_aug, image, **augment_cfg)
-
-  def loss_fn(params):
-    (outputs, _), updates = model.apply(
-        _variables(params, state.batch_stats), image, batch["clinical"], train=True,
-        rngs={"dropout": rng_dropout}, mutable=["batch_stats"])
-    losses = cox_head_losses(outputs, batch, heads, ties)
-    total = sum(blend_weights[i] * losses[k] for i, k in enumerate(heads))
-    return total, (losses, updates)
-
-  (total, (losses, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  upd, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, upd)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=updates.get("batch_stats", state.batch_stats),
-                            opt_state=opt_state)
-  measurements = {"loss": total, **{f"loss_{k}": v for k, v in losses.items()},
-                  "grad_norm": optax.global_norm(grads)}
-  return new_state, measurements
+def make_trainer(config) -> loop.Trainer:
+  """The shared trainer for an MMNN config."""
+  return loop.Trainer(config, build_model(config), registry.get("mmnn").adapter,
+                      make_task(config), augment=make_augment(config))
 
 
 def predict_fn(params, batch_stats, image, clinical, *, model):
   """Eval-mode log-hazards per head, each ``[batch, outcomes]`` float32."""
-  outputs, _ = model.apply(_variables(params, batch_stats), image, clinical, train=False)
+  outputs, _ = model.apply(variables(params, batch_stats), image, clinical, train=False)
   return {k: v.astype(jnp.float32) for k, v in outputs.items()}
 
 
@@ -243,18 +178,35 @@ def load_cohort(config):
   return prepared
 
 
-def make_splits(table: pd.DataFrame, config, workdir: pathlib.Path) -> splits_lib.Split:
-  """Patient-level split; reused from ``WORKDIR/splits.json`` on resume."""
-  path = workdir / "splits.json"
-  if path.exists():
-    return splits_lib.load_splits(path)
+def make_splits(table: pd.DataFrame, config, workdir: pathlib.Path | None) -> splits_lib.Split:
+  """Patient-level split; reused from ``WORKDIR/splits.json`` on resume.
+
+  With ``workdir`` None the split is computed from the cohort and config
+  only, and nothing is read or written.
+
+  Raises:
+    UserError: ``WORKDIR/splits.json`` names patients absent from the cohort
+      (a run continued on another cohort).
+    ValueError: from ``splits_lib`` (a bad split column or stratification).
+  """
+  path = None if workdir is None else workdir / "splits.json"
+  if path is not None and path.exists():
+    split = splits_lib.load_splits(path)
+    known = set(table["patient_id"].astype(str))
+    absent = sorted({p for part in splits_lib.PARTS for p in getattr(split, part)} - known)
+    if absent:
+      raise UserError(f"{path} names {len(absent)} patients absent from cohort "
+                      f"{config.data.cohort!r} (e.g. {absent[:5]}): the run was started on "
+                      "another cohort, and its split cannot be reused; use a new --workdir")
+    return split
   if "split" in table.columns and table["split"].notna().all():
     split = splits_lib.splits_from_column(table)
   else:
     split = splits_lib.train_val_test_split(table, fractions=tuple(config.data.fractions),
                                             stratify=tuple(config.data.stratify),
                                             seed=config.data.split_seed)
-  splits_lib.save_splits(split, path)
+  if path is not None:
+    splits_lib.save_splits(split, path)
   return split
 
 
@@ -311,36 +263,87 @@ def _holdout(ids: np.ndarray, table: pd.DataFrame, fraction: float, seed: int):
   return np.setdiff1d(ids, held), held
 
 
-# ----------------------------------------------------------------------------
-# Checkpoints.
-# ----------------------------------------------------------------------------
+def check_holdout(fit_ids: np.ndarray, held_ids: np.ndarray, table: pd.DataFrame, config) -> None:
+  """Fails before training if the blending hold-out cannot estimate the losses.
 
+  The held-out part needs patients and at least one event: a part without
+  events has a Cox loss of 0 for every head, and so no estimate of the
+  generalisation gap. An outcome without a held-out event only adds 0 to
+  every head's held-out loss (a warning says so).
 
-def checkpoint_manager(directory: pathlib.Path, *, create: bool = True) -> ocp.CheckpointManager:
-  """The run's Orbax manager: keeps the latest checkpoint and the best one.
-
-  "Best" is the lowest ``val_loss`` (the unweighted multimodal-head Cox loss
-  over the whole validation split). Items: ``state`` (TrainState) and
-  ``meta`` (JSON). ``jaxsurv.predict`` opens runs with ``create=False``.
-  A relative ``directory`` is taken from the current directory (Orbax itself
-  accepts only absolute paths).
+  Raises:
+    UserError: naming the (event pattern) strata and their training counts.
   """
-  directory = pathlib.Path(directory).absolute()
-  from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
-  metric = lambda m: m["val_loss"]
-  options = ocp.CheckpointManagerOptions(
-      best_fn=metric, best_mode="min", create=create,
-      preservation_policy=pp.AnyPreservationPolicy(
-          [pp.LatestN(n=1), pp.BestN(get_metric_fn=metric, reverse=True, n=1)]),
-      enable_async_checkpointing=False)
-  return ocp.CheckpointManager(
-      directory, options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  sub = table.set_index("patient_id").loc[np.concatenate([fit_ids, held_ids])]
+  held = sub.index.isin(set(held_ids))
+  outs = list(config.data.outcomes)
+  missing = [o for o in outs if not np.nansum(sub.loc[held, f"{o}_event"].to_numpy(float)) > 0]
+  if len(held_ids) and len(missing) < len(outs):
+    if missing:
+      log.warning("the gradient-blending hold-out (%d patients) has no events for %s; their "
+                  "held-out losses are 0", len(held_ids), missing)
+    return
+  ev = sub[[f"{o}_event" for o in outs]].fillna(0).astype(int).astype(str).agg("".join, axis=1)
+  counts = ", ".join(f"{'/'.join(outs)}={k}: {v}" for k, v in sorted(ev.value_counts().items()))
+  what = "no patients" if not len(held_ids) else f"no events for {missing}"
+  raise UserError(
+      f"the gradient-blending hold-out ({config.blend.holdout_fraction:.0%} of each event "
+      f"stratum of the {len(sub)} training patients) has {what}; training patients per "
+      f"stratum: {counts}. Use a larger cohort, raise --config.blend.holdout_fraction, or turn "
+      "blending off with --config.blend.enabled=False")
 
 
-def _abstract(tree, sharding):
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-                      if hasattr(a, "shape") else a, tree)
+class BlendController:
+  """Gradient-blending weights between epochs (the ``CoxHeads`` task argument).
+
+  Every ``every_epochs`` epochs the per-head losses on the training part and
+  on the held-out part give new weights (``blending.GradientBlender``);
+  otherwise the weights stay. With blending off the weights stay uniform.
+  """
+
+  def __init__(self, task: tasks.CoxHeads, config, fit: loop.Part, heldout: loop.Part):
+    self.task, self.fit, self.heldout = task, fit, heldout
+    self.enabled = bool(config.blend.enabled)
+    self.every = int(config.blend.every_epochs)
+    self.blender = blending.GradientBlender(task.heads, mode=config.blend.mode)
+    self.weights = np.full(len(task.heads), 1.0 / len(task.heads), np.float32)
+
+  def args(self) -> np.ndarray:
+    return self.weights
+
+  def end_epoch(self, epoch: int, predict) -> dict:
+    rec = {"blend_weights": self.weights.tolist()}
+    if self.enabled and (epoch + 1) % self.every == 0:
+      self.weights = np.asarray(self.blender.update(
+          epoch, self.task.part_losses(predict(self.fit), self.fit),
+          self.task.part_losses(predict(self.heldout), self.heldout)), np.float32)
+      rec["blend_update"] = self.weights.tolist()
+    return rec
+
+  def state_dict(self) -> dict:
+    return {"blend_weights": self.weights.tolist(), "blender": self.blender.to_dict()}
+
+  def load_state_dict(self, d: Mapping) -> None:
+    self.weights = np.asarray(d["blend_weights"], np.float32)
+    self.blender = blending.GradientBlender.from_dict(d["blender"])
+
+
+def _parts(arrays: CohortArrays, split: splits_lib.Split, config) -> dict[str, loop.Part]:
+  """``train``, ``val``, ``test``, ``fit`` and ``heldout`` views of the cohort."""
+  full = {"inputs": {"clinical": arrays.clinical}, "presence": {},
+          "duration": arrays.duration, "event": arrays.event, "outcome_mask": arrays.outcome_mask}
+  if arrays.image is not None and "image" in config.model.modalities:
+    full["inputs"]["image"] = arrays.image
+  index = {pid: i for i, pid in enumerate(arrays.patient_ids)}
+  rows = lambda ids: np.array([index[p] for p in ids], np.int64)
+  fit_ids, held_ids = np.asarray(split.train), np.asarray(split.train[:0])
+  if config.blend.enabled:
+    fit_ids, held_ids = _holdout(np.asarray(split.train), arrays.table,
+                                 config.blend.holdout_fraction, config.seed)
+    check_holdout(fit_ids, held_ids, arrays.table, config)
+  ids = {"train": split.train, "val": split.val, "test": split.test, "fit": fit_ids,
+         "heldout": held_ids}
+  return {k: loop.Part(full, rows(v)) for k, v in ids.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -348,91 +351,9 @@ def _abstract(tree, sharding):
 # ----------------------------------------------------------------------------
 
 
-class Trainer:
-  """Holds the compiled functions and device arrays of one run."""
-
-  def __init__(self, config, arrays: CohortArrays, split: splits_lib.Split):
-    self.config = config
-    self.arrays = arrays
-    self.heads = head_names(config)
-    self.model = build_model(config)
-    self.mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    self.repl = NamedSharding(self.mesh, P())
-    self.data_sh = NamedSharding(self.mesh, P("data"))
-    n_dev = len(jax.devices())
-    for name in ("batch_size", "eval_batch_size"):
-      if config[name] % n_dev:
-        raise ValueError(f"config.{name}={config[name]} must be divisible by the {n_dev} devices")
-    index = {pid: i for i, pid in enumerate(arrays.patient_ids)}
-    self.idx = {name: np.array([index[p] for p in getattr(split, name)], np.int64)
-                for name in ("train", "val", "test")}
-    fit_ids, held_ids = (np.asarray(split.train), np.asarray(split.train[:0]))
-    if config.blend.enabled:
-      fit_ids, held_ids = _holdout(np.asarray(split.train), arrays.table,
-                                   config.blend.holdout_fraction, config.seed)
-    self.idx["fit"] = np.array([index[p] for p in fit_ids], np.int64)
-    self.idx["heldout"] = np.array([index[p] for p in held_ids], np.int64)
-    if len(self.idx["fit"]) < config.batch_size:
-      raise ValueError(f"the training part has {len(self.idx['fit'])} patients, fewer than "
-                       f"config.batch_size={config.batch_size}")
-    self.steps_per_epoch = len(self.idx["fit"]) // config.batch_size
-    self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch)
-    aug = config.augment
-    augment_cfg = (dict(flip_prob=aug.flip_prob, max_rotation_deg=aug.max_rotation_deg,
-                        zoom_range=tuple(aug.zoom_range))
-                   if aug.enabled and "image" in config.model.modalities else None)
-    step = functools.partial(train_step, model=self.model, tx=self.tx, heads=self.heads,
-                             ties=config.loss.ties, augment_cfg=augment_cfg)
-    self.train_step = jax.jit(step, donate_argnums=(0,))
-    self.predict = jax.jit(functools.partial(predict_fn, model=self.model))
-
-  def init_state(self, rng) -> TrainState:
-    a = self.arrays
-    image = None if a.image is None else jnp.zeros((1,) + a.image.shape[1:], jnp.float32)
-    clinical = jnp.zeros((1, a.clinical.shape[1]), jnp.float32)
-    variables = jax.jit(functools.partial(self.model.init, train=False))(rng, image, clinical)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=self.tx.init(params))
-    return jax.device_put(state, self.repl)
-
-  def batch(self, idx: np.ndarray, size: int) -> dict:
-    """A fixed-size global batch (padded with masked rows), sharded over devices."""
-    n = len(idx)
-    pad = size - n
-    full = np.concatenate([idx, np.repeat(idx[:1], pad)]) if pad > 0 else idx
-    b = self.arrays.take(full)
-    b["mask"] = np.arange(size) < n
-    return jax.device_put(b, self.data_sh)  # A None image stays None.
-
-  def predict_split(self, state: TrainState, idx: np.ndarray) -> dict:
-    """Eval-mode log-hazards of every head over ``idx``: ``{head: [n, outcomes]}``."""
-    bs = self.config.eval_batch_size
-    chunks = []
-    for start in range(0, len(idx), bs):
-      sel = idx[start:start + bs]
-      b = self.batch(sel, bs)
-      out = self.predict(state.params, state.batch_stats, b["image"], b["clinical"])
-      chunks.append({k: np.asarray(v)[:len(sel)] for k, v in out.items()})
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-  def split_losses(self, preds: Mapping[str, np.ndarray], idx: np.ndarray) -> dict:
-    """Per head, the Cox loss (sum over outcomes) over a whole split."""
-    a = self.arrays
-    return {k: float(jnp.sum(cox_ph_loss(v, a.duration[idx], a.event[idx],
-                                         ties=self.config.loss.ties,
-                                         mask=a.outcome_mask[idx])))
-            for k, v in preds.items()}
-
-
-def _epoch_order(seed: int, epoch: int, idx: np.ndarray) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(idx)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the MMNN job end to end; returns the results dict (also in results.json)."""
-  from tqdm.auto import tqdm
+  import json  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   evaluate.write_json_atomic(json.loads(config.to_json_best_effort()), workdir / "config.json")
@@ -440,6 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   prepared = load_cohort(config)
   split = make_splits(prepared.table, config, workdir)
   arrays, clin_pre = build_arrays(prepared, config, split.train)
+  parts = _parts(arrays, split, config)
   evaluate.write_json_atomic({"clinical": clin_pre.to_dict() if clin_pre.fitted else None,
                               "preprocess": dataclasses.asdict(prepared.preprocess)
                               if prepared.preprocess is not None else None,
@@ -447,168 +369,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               "cohort": str(config.data.cohort),
                               "outcomes": list(config.data.outcomes)},
                              workdir / "preprocess.json")
-  trainer = Trainer(config, arrays, split)
+  trainer = make_trainer(config)
   log.info("patients: train %d (fit %d, blend hold-out %d), val %d, test %d; %d steps/epoch",
-           len(split.train), len(trainer.idx["fit"]), len(trainer.idx["heldout"]),
-           len(split.val), len(split.test), trainer.steps_per_epoch)
-
-  rng = jax.random.key(config.seed)
-  rng_init, rng_loop = jax.random.split(rng)
-  state = trainer.init_state(rng_init)
-  heads = trainer.heads
-  blender = blending.GradientBlender(heads, mode=config.blend.mode)
-  weights = np.full(len(heads), 1.0 / len(heads), np.float32)
-  history: list[dict] = []
-  start_epoch = 0
-
-  with checkpoint_manager(workdir / "checkpoints") as mngr:
-    latest = mngr.latest_step()
-    if latest is not None:
-      restored = mngr.restore(latest, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(state, trainer.repl)),
-          meta=ocp.args.JsonRestore()))
-      state = restored["state"]
-      meta = restored["meta"]
-      start_epoch = meta["epoch"] + 1
-      weights = np.asarray(meta["blend_weights"], np.float32)
-      blender = blending.GradientBlender.from_dict(meta["blender"])
-      history = meta["history"]
-      log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state.step))
-
-    total_steps = trainer.steps_per_epoch * config.num_epochs
-    bar = tqdm(total=total_steps, initial=start_epoch * trainer.steps_per_epoch,
-               desc="train", unit="step", dynamic_ncols=True,
-               disable=not config.get("progress_bar", True))
-    t0 = time.time()
-    for epoch in range(start_epoch, config.num_epochs):
-      order = _epoch_order(config.seed, epoch, trainer.idx["fit"])
-      sums = {}
-      for s in range(trainer.steps_per_epoch):
-        sel = order[s * config.batch_size:(s + 1) * config.batch_size]
-        state, meas = trainer.train_step(state, trainer.batch(sel, config.batch_size), rng_loop,
-                                         jnp.asarray(weights))
-        for k, v in meas.items():
-          sums[k] = sums.get(k, 0.0) + v
-        if (s + 1) % config.log_every_steps == 0 or s + 1 == trainer.steps_per_epoch:
-          loss = float(meas["loss"])
-          if not math.isfinite(loss):
-            raise TrainingError(
-                f"non-finite training loss {loss} at step {int(state.step)} (epoch {epoch}); "
-                f"the last good checkpoint (epoch {epoch - 1}) is kept in {workdir / 'checkpoints'}")
-          bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
-        bar.update(1)
-      train_means = {k: float(v) / trainer.steps_per_epoch for k, v in sums.items()}
-      if not all(math.isfinite(v) for v in train_means.values()):
-        raise TrainingError(f"non-finite training loss in epoch {epoch} (step {int(state.step)}); "
-                            f"the last good checkpoint is kept in {workdir / 'checkpoints'}")
-
-      val_pred = trainer.predict_split(state, trainer.idx["val"])
-      val_losses = trainer.split_losses(val_pred, trainer.idx["val"])
-      record = {"epoch": epoch, "step": int(state.step), "train_loss": train_means["loss"],
-                "val_loss": val_losses["mm"], "blend_weights": weights.tolist(),
-                "lr": float(trainer.schedule(int(state.step) // config.grad_accum_steps)),
-                "seconds": time.time() - t0}
-      for j, o in enumerate(config.data.outcomes):
-        a = trainer.arrays
-        sel = trainer.idx["val"][a.outcome_mask[trainer.idx["val"], j]]
-        try:
-          from jaxsurv import metrics
-          record[f"val_cindex_{o}"] = metrics.concordance_index(
-              a.duration[sel, j], a.event[sel, j], val_pred["mm"][a.outcome_mask[trainer.idx["val"], j], j])
-        except ValueError:
-          record[f"val_cindex_{o}"] = float("nan")
-      if not math.isfinite(record["val_loss"]):
-        raise TrainingError(f"non-finite validation loss after epoch {epoch} (step {int(state.step)})")
-
-      if config.blend.enabled and (epoch + 1) % config.blend.every_epochs == 0:
-        fit_pred = trainer.predict_split(state, trainer.idx["fit"])
-        held_pred = trainer.predict_split(state, trainer.idx["heldout"])
-        weights = np.asarray(blender.update(
-            epoch, trainer.split_losses(fit_pred, trainer.idx["fit"]),
-            trainer.split_losses(held_pred, trainer.idx["heldout"])), np.float32)
-        record["blend_update"] = weights.tolist()
-      history.append(record)
-      log.info("epoch %d: %s", epoch, {k: (round(v, 4) if isinstance(v, float) else v)
-                                       for k, v in record.items() if k != "blend_weights"})
-      meta = {"epoch": epoch, "blend_weights": weights.tolist(), "blender": blender.to_dict(),
-              "history": history}
-      mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)),
-                metrics={"val_loss": record["val_loss"]})
-      mngr.wait_until_finished()
-    bar.close()
-    best = mngr.best_step()
-    restored = mngr.restore(best, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state, trainer.repl)),
-        meta=ocp.args.JsonRestore()))
-    best_state = restored["state"]
-
-  results = report(trainer, best_state, config, workdir, history, blender, best_epoch=best)
-  return results
+           len(split.train), len(parts["fit"]), len(parts["heldout"]), len(split.val),
+           len(split.test), trainer.steps_per_epoch(len(parts["fit"])))
+  controller = BlendController(trainer.task, config, parts["fit"], parts["heldout"])
+  res = trainer.fit(parts["fit"], parts["val"], controller=controller,
+                    checkpoint_dir=workdir / "checkpoints")
+  return report(trainer, res, parts, arrays, config, workdir, controller.blender)
 
 
-def report(trainer: Trainer, state: TrainState, config, workdir: pathlib.Path, history,
-           blender, *, best_epoch: int) -> dict:
-  """Evaluates ``state`` on val and test; writes results, predictions and plots."""
-  a = trainer.arrays
+def report(trainer: loop.Trainer, res: loop.FitResult, parts: Mapping[str, loop.Part],
+           arrays: CohortArrays, config, workdir: pathlib.Path, blender) -> dict:
+  """Evaluates the selected epoch on val and test; writes results, predictions, plots."""
+  from jaxsurv import metrics  # pylint: disable=import-outside-toplevel
+  task = trainer.task
   horizons = tuple(config.eval.horizons_years)
-  preds = {name: trainer.predict_split(state, trainer.idx[name]) for name in ("train", "val", "test")}
-  results: dict = {"best_epoch": int(best_epoch), "heads": list(trainer.heads)}
-  rows = []
-  baselines = {}
-  for j, o in enumerate(config.data.outcomes):
-    tr = trainer.idx["train"]
-    tm = a.outcome_mask[tr, j]
-    if not tm.any() or not a.event[tr[tm], j].any():
-      continue
-    baselines[o] = survival.BreslowBaseline.fit(preds["train"]["mm"][tm, j],
-                                                a.duration[tr[tm], j], a.event[tr[tm], j])
+  params = jax.device_put(res.params, trainer.repl)
+  batch_stats = jax.device_put(res.batch_stats, trainer.repl)
+  names = ("train", "val", "test")
+  preds = {n: trainer.predict_part(params, batch_stats, parts[n]) for n in names}
+  risk = {n: task.risk(preds[n]) for n in names}
+  targets = {n: task.targets(parts[n]) for n in names}
+  rep, baselines = evaluate.report_outcomes(
+      task.outcomes, risk, targets, horizons_years=horizons,
+      bootstrap_resamples=config.eval.bootstrap_resamples, seed=config.seed)
+  results: dict = {"best_epoch": int(res.best_epoch), "heads": list(task.heads), **rep}
   for name in ("val", "test"):
-    idx = trainer.idx[name]
-    results[name] = {}
-    for j, o in enumerate(config.data.outcomes):
-      if o not in baselines:
-        continue
-      tr = trainer.idx["train"]
-      tm = a.outcome_mask[tr, j]
-      m = a.outcome_mask[idx, j]
-      results[name][o] = evaluate.evaluate_outcome(
-          risk=preds[name]["mm"][m, j], duration=a.duration[idx[m], j], event=a.event[idx[m], j],
-          train_risk=preds["train"]["mm"][tm, j], train_duration=a.duration[tr[tm], j],
-          train_event=a.event[tr[tm], j], horizons_years=horizons,
-          bootstrap_resamples=config.eval.bootstrap_resamples, seed=config.seed)
+    d, e, m = targets[name]
+    for j, o in enumerate(task.outcomes):
       oracle = f"eta_{o}"
-      if oracle in a.table.columns:
-        from jaxsurv import metrics
-        eta = a.table[oracle].to_numpy(float)[idx[m]]
-        results[name][o]["oracle_cindex"] = metrics.concordance_index(
-            a.duration[idx[m], j], a.event[idx[m], j], eta)
-  for name in ("train", "val", "test"):
-    idx = trainer.idx[name]
-    cols = {"patient_id": a.patient_ids[idx], "split": name}
-    for j, o in enumerate(config.data.outcomes):
-      cols[f"risk_{o}"] = preds[name]["mm"][:, j]
+      if o in results[name] and oracle in arrays.table.columns:
+        eta = arrays.table[oracle].to_numpy(float)[parts[name].rows[m[:, j]]]
+        results[name][o]["oracle_cindex"] = metrics.concordance_index(d[m[:, j], j],
+                                                                      e[m[:, j], j], eta)
+  rows = []
+  for name in names:
+    cols = {"patient_id": arrays.patient_ids[parts[name].rows], "split": name}
+    for j, o in enumerate(task.outcomes):
+      cols[f"risk_{o}"] = risk[name][:, j]
       if o in baselines:
-        cols.update(evaluate.survival_columns(o, baselines[o], preds[name]["mm"][:, j], horizons))
+        cols.update(evaluate.survival_columns(o, baselines[o], risk[name][:, j], horizons))
     rows.append(pd.DataFrame(cols))
   evaluate.write_csv_atomic(pd.concat(rows, ignore_index=True), workdir / "predictions.csv")
   evaluate.write_json_atomic(results, workdir / "results.json")
   evaluate.write_json_atomic(
       {o: b.to_dict() for o, b in baselines.items()}, workdir / "baseline_hazard.json")
-  # Plots.
-  evaluate.plot_training_curves(workdir / "training_curves.png", history)
-  if len(trainer.heads) > 1 and blender.history:
+  evaluate.plot_training_curves(workdir / "training_curves.png", res.history)
+  if len(task.heads) > 1 and blender.history:
     blender.to_csv(workdir / "blend_weights.csv")
     blending.plot_history(blender.history, workdir / "blend_weights.png")
-  for j, o in enumerate(config.data.outcomes):
+  for j, o in enumerate(task.outcomes):
     if o not in baselines:
       continue
-    tr = trainer.idx["train"]
-    threshold = float(np.median(preds["train"]["mm"][a.outcome_mask[tr, j], j]))
-    idx = trainer.idx["test"]
-    m = a.outcome_mask[idx, j]
-    evaluate.plot_km_by_risk_group(workdir / f"km_test_{o}.png", risk=preds["test"]["mm"][m, j],
-                                   duration=a.duration[idx[m], j], event=a.event[idx[m], j],
+    _, _, m_tr = targets["train"]
+    threshold = float(np.median(risk["train"][m_tr[:, j], j]))
+    d, e, m = targets["test"]
+    evaluate.plot_km_by_risk_group(workdir / f"km_test_{o}.png", risk=risk["test"][m[:, j], j],
+                                   duration=d[m[:, j], j], event=e[m[:, j], j],
                                    threshold=threshold,
                                    title=f"{o.upper()}: test split by training-median risk")
   return results

@@ -33,38 +33,41 @@ def test_augment_identity_and_flip_are_exact():
 _STEP_SCRIPT = textwrap.dedent("""
     import functools, jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jaxsurv import train
-    from jaxsurv.models import MMNN
+    from jaxsurv import tasks, train
+    from jaxsurv.models import MMNN, registry
+    from jaxsurv.trainer import step as step_lib
     assert jax.device_count() == 4
     model = MMNN(n_outcomes=2, image_kwargs=dict(init_features=4, growth_rate=2, block_config=(1,),
                                                  bn_size=2, dropout_rate=0.0, head_dropout_rate=0.0),
                  clinical_kwargs=dict(hidden_sizes=(8,), dropout_rate=0.0))
-    tx = optax.sgd(0.5)
+    tx = optax.identity()  # Plain SGD: params - lr * grad.
     rng = np.random.default_rng(0)
     b = 8
-    batch = {"image": rng.normal(size=(b, 8, 8, 8, 2)).astype(np.float32),
-             "clinical": rng.normal(size=(b, 3)).astype(np.float32),
+    batch = {"inputs": {"image": rng.normal(size=(b, 8, 8, 8, 2)).astype(np.float32),
+                        "clinical": rng.normal(size=(b, 3)).astype(np.float32)},
+             "presence": {},
              "duration": rng.integers(1, 6, size=(b, 2)).astype(np.float32),
              "event": (rng.random((b, 2)) < 0.6).astype(np.int32),
              "outcome_mask": np.ones((b, 2), bool), "mask": np.ones(b, bool)}
-    v = model.init(jax.random.key(0), jnp.asarray(batch["image"][:1]),
-                   jnp.asarray(batch["clinical"][:1]), train=False)
+    v = model.init(jax.random.key(0), jnp.asarray(batch["inputs"]["image"][:1]),
+                   jnp.asarray(batch["inputs"]["clinical"][:1]), train=False)
     v = jax.tree.map(np.array, v)  # Host copies: the donated state must not alias them.
     def fresh():
-      return train.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                              batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                     heads=("mm", "image", "clinical"), ties="breslow",
-                                     augment_cfg=dict(flip_prob=0.5, max_rotation_deg=10.0,
-                                                      zoom_range=(0.9, 1.1))),
-                   donate_argnums=(0,))
+      return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+                                 batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
+    step = jax.jit(functools.partial(
+        step_lib.train_step, model=model, call=registry.get("mmnn").adapter, tx=tx,
+        task=tasks.CoxHeads(heads=("mm", "image", "clinical"), outcomes=("os", "dm")),
+        augment=train.ImageAugment(0.5, 10.0, (0.9, 1.1)), l1=0.0, l1_include="all"),
+        donate_argnums=(0,))
     w = jnp.array([0.5, 0.3, 0.2])
     key = jax.random.key(3)
+    lr = jnp.float32(0.5)
     one = jax.devices()[0]
-    s1, m1 = step(jax.device_put(fresh(), one), jax.device_put(batch, one), key, w)
+    s1, m1 = step(jax.device_put(fresh(), one), jax.device_put(batch, one), key, lr, w)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     s4, m4 = step(jax.device_put(fresh(), NamedSharding(mesh, P())),
-                  jax.device_put(batch, NamedSharding(mesh, P("data"))), key, w)
+                  jax.device_put(batch, NamedSharding(mesh, P("data"))), key, lr, w)
     err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(c))))
               for a, c in zip(jax.tree.leaves(s1), jax.tree.leaves(s4)))
     moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(c))))
@@ -72,9 +75,10 @@ _STEP_SCRIPT = textwrap.dedent("""
     assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5, (m1["loss"], m4["loss"])
     assert moved > 1e-3, moved
     assert err < 1e-5, err
-    # Changing the blend weights does not recompile.
+    # Changing the blend weights or the learning rate does not recompile.
     n_compiled = step._cache_size()
-    step(s4, jax.device_put(batch, NamedSharding(mesh, P("data"))), key, jnp.array([0.2, 0.2, 0.6]))
+    step(s4, jax.device_put(batch, NamedSharding(mesh, P("data"))), key, jnp.float32(0.1),
+         jnp.array([0.2, 0.2, 0.6]))
     assert step._cache_size() == n_compiled
     print("STEP_OK", err, moved)
     """)
@@ -118,19 +122,20 @@ def test_end_to_end_run_and_resume(cache, monkeypatch):
   assert set(pred["split"]) == {"train", "val", "test"} and len(pred) == 32
   assert np.all((pred["p_os_5y"] >= pred["p_os_2y"] - 1e-12))  # Event prob. grows with time.
 
-  real_order = train._epoch_order
-  def interrupted(seed, epoch, idx):
+  from jaxsurv.trainer import loop
+  real_order = loop.epoch_order
+  def interrupted(seed, epoch, n):
     if epoch == 1:
       raise KeyboardInterrupt("simulated kill")
-    return real_order(seed, epoch, idx)
-  monkeypatch.setattr(train, "_epoch_order", interrupted)
+    return real_order(seed, epoch, n)
+  monkeypatch.setattr(loop, "epoch_order", interrupted)
   # The resumed run uses a relative workdir, as in the README's command.
   monkeypatch.chdir(cache)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(tiny_mmnn_config(), "resumed")
   assert (cache / "resumed" / "checkpoints").exists()
   assert not (cache / "resumed" / "results.json").exists()
-  monkeypatch.setattr(train, "_epoch_order", real_order)
+  monkeypatch.setattr(loop, "epoch_order", real_order)
   resumed = train.train_and_evaluate(tiny_mmnn_config(), "resumed")
   assert resumed["best_epoch"] == full["best_epoch"]
   for split in ("val", "test"):
@@ -145,9 +150,13 @@ def test_bad_config_and_nan_loss(cache, monkeypatch):
   with pytest.raises(ValueError, match=r"missing from cohort.*\['tumour_volume'\]"):
     train.train_and_evaluate(tiny_mmnn_config(**{"data.numeric": ("age", "tumour_volume")}),
                              str(cache / "bad"))
-  monkeypatch.setattr(train, "cox_head_losses",
-                      lambda outputs, batch, heads, ties: {k: jnp.nan * jnp.sum(outputs[k])
-                                                           for k in heads})
+  from jaxsurv import tasks
+  from jaxsurv.trainer import loop
+  monkeypatch.setattr(tasks.CoxHeads, "head_losses",
+                      lambda self, outputs, duration, event, mask:
+                      {k: jnp.nan * jnp.sum(outputs[k]) for k in self.heads})
+  loop._compiled.cache_clear()  # The step is traced again with the patched loss.
   with pytest.raises(train.TrainingError, match=r"non-finite training loss nan at step \d+"):
     train.train_and_evaluate(tiny_mmnn_config(), str(cache / "nan"))
   assert not (cache / "nan" / "results.json").exists()
+  loop._compiled.cache_clear()
