@@ -232,13 +232,18 @@ class TrainStep:
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                    momentum: float = 0.9, nesterov: bool = True) -> torch.optim.Optimizer:
-  """SGD + Nesterov with coupled weight decay (paper config) or AdamW (local config)."""
+  """SGD + Nesterov with coupled weight decay (paper config) or AdamW (local config).
+
+  The names mean what they mean in ``jaxsurv.trainer.optim``: ``"adamw"`` is
+  decoupled weight decay; ``"adam"`` (coupled L2) is not part of the
+  reference and is refused.
+  """
   if name == "sgd":
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
                            weight_decay=weight_decay)
-  if name == "adam":
+  if name == "adamw":
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-  raise ValueError(f"optimizer name must be 'sgd' or 'adam', got {name!r}")
+  raise ValueError(f"optimizer name must be 'sgd' or 'adamw', got {name!r}")
 
 
 def count_params(model: nn.Module) -> int:

@@ -2,10 +2,10 @@
 
 For each setting (config x grid x batch x augmentation x dtype) this measures
 
-* jaxsurv: ``jaxsurv.train.train_step`` built exactly as ``Trainer`` builds it
-  (``build_model``, ``make_optimizer``, ``head_names``, ``jax.jit`` with
-  ``donate_argnums=(0,)``, the batch sharded over a ``("data",)`` mesh with
-  ``NamedSharding``, the state replicated). Trace+lower and compile are timed
+* jaxsurv: the shared trainer's step (``jaxsurv.trainer.step.train_step``)
+  from ``jaxsurv.train.make_trainer``, exactly as every MMNN run builds it
+  (``jax.jit`` with ``donate_argnums=(0,)``, the batch sharded over a
+  ``("data",)`` mesh with ``NamedSharding``, the state replicated). Trace+lower and compile are timed
   separately (``jit(...).lower(...)``, ``.compile()``), the persistent
   compilation cache is off (unless ``--compile-cache DIR``), then the
   compiled step runs ``--warmup`` untimed and ``--steps`` timed steps, each
@@ -218,8 +218,8 @@ def jax_worker(spec: dict) -> dict:
   """Compiles and times jaxsurv's train step for one setting."""
   jax = _jax_setup(spec)
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from jaxsurv import train
+  from jaxsurv.trainer import loop
 
   spec = _resolve_defaults(spec, jax.default_backend())
   config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
@@ -228,36 +228,24 @@ def jax_worker(spec: dict) -> dict:
   if config.batch_size % n_dev:
     raise ValueError(f"batch {config.batch_size} must be divisible by the {n_dev} devices")
 
-  # As Trainer.__init__ / Trainer.init_state.
-  model = train.build_model(config)
-  heads = train.head_names(config)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  tx, _ = train.make_optimizer(config, steps_per_epoch=100)
-  aug = config.augment
-  augment_cfg = (dict(flip_prob=aug.flip_prob, max_rotation_deg=aug.max_rotation_deg,
-                      zoom_range=tuple(aug.zoom_range)) if aug.enabled else None)
-  step = functools.partial(train.train_step, model=model, tx=tx, heads=heads,
-                           ties=config.loss.ties, augment_cfg=augment_cfg)
-  jitted = jax.jit(step, donate_argnums=(0,))
-
-  rng_init, rng_loop = jax.random.split(jax.random.key(config.seed))
+  # The shared trainer, built as every MMNN run builds it (jaxsurv.train.make_trainer).
+  trainer = train.make_trainer(config)
+  heads = trainer.task.heads
   g = spec["grid"]
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      rng_init, jnp.zeros((1, g, g, g, 2), jnp.float32), jnp.zeros((1, N_CLINICAL), jnp.float32))
-  params = variables["params"]
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=variables.get("batch_stats", {}),
-                           opt_state=tx.init(params))
-  state = jax.device_put(state, repl)
-  n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-  batches = [jax.device_put(_random_batch_np(s, config.batch_size, g), data_sh)
-             for s in range(3)]
+  host = [_random_batch_np(s, config.batch_size, g) for s in range(3)]
+  host = [loop.Part({"inputs": {"image": h.pop("image"), "clinical": h.pop("clinical")},
+                     "presence": {}, **h}) for h in host]
+  rng_init, rng_loop = jax.random.split(jax.random.key(config.seed))
+  state = trainer.init_state(rng_init, host[0])
+  n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  batches = [trainer.batch(h, np.arange(config.batch_size), config.batch_size) for h in host]
   weights = jnp.full((len(heads),), 1.0 / len(heads), jnp.float32)
+  lr = jnp.float32(config.optimizer.lr)
+  jitted = trainer.train_step
   jax.block_until_ready((state, batches))
 
   t0 = time.perf_counter()
-  lowered = jitted.lower(state, batches[0], rng_loop, weights)
+  lowered = jitted.lower(state, batches[0], rng_loop, lr, weights)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -265,7 +253,7 @@ def jax_worker(spec: dict) -> dict:
 
   def run(i):
     nonlocal state
-    state, meas = compiled(state, batches[i % 3], rng_loop, weights)
+    state, meas = compiled(state, batches[i % 3], rng_loop, lr, weights)
     jax.block_until_ready((state, meas))
     return meas
 
@@ -538,7 +526,7 @@ def section_text(rows, pipe, notes, meta) -> str:
          "multi-threaded steps (torch's OpenMP regions in particular) can stall at every "
          "thread barrier, so medians on several cores swing widely between runs; the 1-core rows "
          "and the minima are the steadier comparison." if noisy else ""),
-      "* jaxsurv: `jaxsurv.train.train_step` jitted as `Trainer` does (`donate_argnums=(0,)`, "
+      "* jaxsurv: the shared trainer's step (`jaxsurv.train.make_trainer`; `donate_argnums=(0,)`, "
       "batch `NamedSharding` over a `(\"data\",)` mesh, replicated state); persistent "
       "compilation cache off, so compile times are cold. Torch: "
       "`benchmarks/torch_reference.py`, the same network (parameter counts checked equal), "

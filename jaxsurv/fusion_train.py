@@ -321,6 +321,7 @@ class FoldRun:
     best_epoch: the selected epoch (``config.selection``).
     history: per-epoch records (train loss, val loss, val C-index, lr).
     seconds: wall time of the training loop.
+    resumed_from: the epoch training resumed at from a checkpoint, or None.
   """
   params: Any
   transform: multimodal.FoldTransform
@@ -328,6 +329,7 @@ class FoldRun:
   best_epoch: int
   history: list
   seconds: float
+  resumed_from: int | None = None
 
 
 class FusionTrainer:
@@ -440,7 +442,7 @@ class FusionTrainer:
                            checkpoint_dir=checkpoint_dir, progress=progress,
                            desc=f"{c.model_name} fold {fold}", init_params=init_params)
     return FoldRun(params=res.params, transform=transform, idx=idx, best_epoch=res.best_epoch,
-                   history=res.history, seconds=res.seconds)
+                   history=res.history, seconds=res.seconds, resumed_from=res.resumed_from)
 
   # -- evaluation ------------------------------------------------------------
 

@@ -272,3 +272,41 @@ def test_configs_build_and_document_paper_settings():
     if cfg.data.wsi:
       mods += (("wsi", "bag"),)
     ft.build_model(cfg, mods)  # Every config's model kwargs are valid fields.
+
+
+def test_checkpointed_fold_resumes_after_a_kill_like_an_uninterrupted_run(tmp_path, monkeypatch):
+  """Orbax latest + best for a fusion run: killed after epoch 1, rerun, same results."""
+  from jaxsurv.trainer import loop
+  cohort = synthetic_cohort(wsi=True)
+  cfg = tiny_config("healnet", "clinical+omic+wsi", num_epochs=4, selection="val_loss")
+  split = _split(cohort)
+  trainer = ft.FusionTrainer(cfg, ft.model_modalities(cohort))
+  full, run = ft.run_fold(trainer, cohort, split, tmp_path / "full", checkpoint=True)
+  assert run.resumed_from is None
+  assert (tmp_path / "full" / "checkpoints").is_dir()
+  for part in ("val", "test"):  # The report every jaxsurv run gives.
+    assert {"cindex", "cindex_uno", "ibs", "auc"} <= set(full[part]["os"])
+    assert full[part]["os"]["cindex"] == pytest.approx(full[part]["cindex"])
+
+  real = loop.epoch_order
+  def killed(seed, epoch, n):
+    if epoch == 2:
+      raise KeyboardInterrupt("simulated kill")
+    return real(seed, epoch, n)
+  monkeypatch.setattr(loop, "epoch_order", killed)
+  with pytest.raises(KeyboardInterrupt):
+    ft.run_fold(trainer, cohort, split, tmp_path / "resumed", checkpoint=True)
+  assert not (tmp_path / "resumed" / "results.json").exists()
+  monkeypatch.setattr(loop, "epoch_order", real)
+  resumed, run = ft.run_fold(trainer, cohort, split, tmp_path / "resumed", checkpoint=True)
+  assert run.resumed_from == 2  # Epochs 0 and 1 came from the checkpoint.
+  assert resumed["best_epoch"] == full["best_epoch"]
+  for part in ("val", "test"):
+    assert resumed[part]["loss"] == pytest.approx(full[part]["loss"], rel=1e-6)
+    assert resumed[part]["os"] == full[part]["os"]
+  a = pd.read_csv(tmp_path / "full" / "predictions.csv")
+  b = pd.read_csv(tmp_path / "resumed" / "predictions.csv")
+  np.testing.assert_allclose(b["risk"], a["risk"], rtol=1e-6)
+  h_full = pd.read_csv(tmp_path / "full" / "history.csv")
+  h_res = pd.read_csv(tmp_path / "resumed" / "history.csv")
+  np.testing.assert_allclose(h_res["val_loss"], h_full["val_loss"], rtol=1e-6)

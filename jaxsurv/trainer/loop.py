@@ -193,7 +193,8 @@ class FitResult:
       ``val_cindex_<outcome>``, ``lr``, ``seconds``, ``selection_score``,
       controller fields such as ``blend_weights``).
     seconds: wall time of the training loop (this process).
-    resumed_from: the epoch a checkpoint resumed after, or None.
+    resumed_from: the first epoch trained after resuming from a checkpoint
+      (None: trained from scratch).
   """
   params: Any
   batch_stats: Any
