@@ -39,16 +39,20 @@ Entries are ``model@modalities`` (models: ``fusion_train.MODEL_NAMES`` and
 wsi); each uses ``configs/<model>.py`` (HEALNet, CM-MMF, PORPOISE) or
 ``configs/fusion.py:model=<model>``, in the CPU-sized ``local`` variant
 unless ``--paper``. ``--set key=value`` overrides a config field for every
-entry (e.g. ``--set num_epochs=10``). A fold whose ``results.json`` exists
-with the same config is reused (``--no-resume`` retrains).
+entry (e.g. ``--set num_epochs=10``; repeatable), parsed as
+``--config.key=value`` would be (``ml_collections.config_flags``: by the
+field's type). ``table --config=FILE.py[:arg]`` runs one config file as an
+entry (alone, or added to ``--entries``), with ``--config.key=value``
+overrides of its own. A fold whose ``results.json`` exists with the same
+config is reused (``--no-resume`` retrains). The flags are absl flags
+(``--flag=value`` or ``--flag value``; lists comma-separated, e.g.
+``--folds=0,1``); errors end as ``jaxsurv.cli`` describes.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import importlib.util
+import importlib
 import json
 import logging
 import pathlib
@@ -59,15 +63,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 import pandas as pd
+from absl import app, flags
+from ml_collections import config_flags
 
-from jaxsurv import evaluate, metrics
+from jaxsurv import cli, evaluate, metrics
 from jaxsurv import fusion_train as ft
 from jaxsurv.data import multimodal
 from jaxsurv.data import splits as splits_lib
+from jaxsurv.errors import UserError
 
 log = logging.getLogger("jaxsurv")
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The default `table` entries: the brief's list (unimodal clinical and RNA,
 # concatenation, CM-MMF, HEALNet, PORPOISE and Coxnet on clinical + RNA).
@@ -102,58 +107,60 @@ MODEL_LABELS = {
 # ----------------------------------------------------------------------------
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads ``"path/to/config.py[:arg]"`` by calling its ``get_config(arg)``.
-
-  Raises:
-    FileNotFoundError: the file does not exist.
-    ValueError: the module has no ``get_config``.
-  """
-  path, _, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.is_absolute() and not file.exists():
-    file = REPO / file
-  if not file.exists():
-    raise FileNotFoundError(f"config file {path!r} not found")
-  if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # Config files import configs.common.
-  mod_spec = importlib.util.spec_from_file_location(f"_jaxsurv_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"{file} has no get_config(arg)")
-  return module.get_config(arg or None)
-
-
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]):
-  """Applies ``"a.b=value"`` overrides (values parsed as Python literals if possible).
+  """Applies ``"a.b=value"`` overrides as ``--config.a.b=value`` would (a new config).
+
+  Values are parsed by ``ml_collections.config_flags`` from the field's type
+  (int, float, bool, str; a tuple as a Python literal, e.g.
+  ``data.stratify="('event', 'pam50')"``); a new field is
+  allowed under ``model`` only (``config.model`` holds model kwargs; any
+  field of the model class may be added and ``build_model`` rejects unknown
+  ones), where its value is parsed as a Python literal.
 
   Raises:
-    ValueError: malformed override or unknown field (``model.*`` may add
-      model kwargs; ``build_model`` checks them).
+    UserError: malformed override, unknown field, or a value the field's
+      type cannot take.
   """
+  config = ml_collections.ConfigDict(config.copy_and_resolve_references())
+  pairs: dict[str, str] = {}
   for item in overrides:
     key, sep, raw = item.partition("=")
-    if not sep:
-      raise ValueError(f"override {item!r} must be key=value")
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    *parents, leaf = key.strip().split(".")
+    key = key.strip()
+    if not sep or not key:
+      raise UserError(f"override {item!r} must be key=value")
+    *parents, leaf = key.split(".")
     node = config
-    for p in parents:
-      if p not in node:
-        raise ValueError(f"override {item!r}: unknown config field {p!r}")
-      node = node[p]
-    # config.model holds model kwargs: any field of the model class may be
-    # added (build_model rejects unknown ones); elsewhere the field must exist.
-    if leaf not in node and parents != ["model"]:
-      raise ValueError(f"override {item!r}: unknown config field {leaf!r}")
-    if isinstance(value, list):
-      value = tuple(value)
-    node[leaf] = value
-  return config
+    for i, part in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise UserError(f"override {item!r}: unknown config field {'.'.join(parents[:i + 1])!r}")
+      node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node
+                                                           and parents != ["model"]):
+      raise UserError(f"override {item!r}: unknown config field {key!r}")
+    pairs.pop(key, None)
+    pairs[key] = raw
+  if not pairs:
+    return config
+  argv = ["jaxsurv.cv"] + [f"--set.{k}={v}" for k, v in pairs.items()]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_dict("set", config, flag_values=fv, lock_config=False,
+                                  accept_new_attributes=True, sys_argv=argv)
+  try:
+    fv(argv)
+  except (flags.Error, ValueError, TypeError) as e:
+    raise UserError(f"--set {', '.join(f'{k}={v}' for k, v in pairs.items())}: {e}") from e
+  return fv["set"].value
+
+
+def _config_module(name: str):
+  """``configs.<name>`` (the repository's config package; run from the repository root)."""
+  try:
+    return importlib.import_module(f"configs.{name}")
+  except ModuleNotFoundError as e:
+    if e.name not in ("configs", f"configs.{name}"):
+      raise
+    raise UserError(f"cannot import configs.{name}: run from the repository root (or put it on "
+                    "PYTHONPATH)") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,16 +183,29 @@ def modality_label(config) -> str:
   return "+".join(mods)
 
 
+# Models with a config file of their own (configs/<model>.py); the others use configs/fusion.py.
+OWN_CONFIGS = ("healnet", "cmmmf", "porpoise")
+
+
 def entry_config(model: str, modalities: str, *, paper: bool = False,
                  overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The config of ``model@modalities`` (``configs/<model>.py`` if it exists)."""
-  own = REPO / "configs" / f"{model}.py"
+  """The config of ``model@modalities``: ``configs/<model>.py`` (HEALNet, CM-MMF,
+  PORPOISE) or ``configs/fusion.py:model=<model>``, local unless ``paper``.
+
+  Raises:
+    UserError: bad modalities (the config's ``get_config`` rejects them) or a
+      bad override (:func:`apply_overrides`).
+  """
   variant = "" if paper else ",local"
-  if model in ("healnet", "cmmmf", "porpoise") and own.exists():
-    spec = f"{own}:modalities={modalities}{variant}"
+  if model in OWN_CONFIGS:
+    module, arg = _config_module(model), f"modalities={modalities}{variant}"
   else:
-    spec = f"{REPO / 'configs' / 'fusion.py'}:model={model},modalities={modalities}{variant}"
-  return apply_overrides(load_config(spec), overrides)
+    module, arg = _config_module("fusion"), f"model={model},modalities={modalities}{variant}"
+  try:
+    config = module.get_config(arg)
+  except ValueError as e:
+    raise UserError(f"{model}@{modalities}: {e}") from e
+  return apply_overrides(config, overrides)
 
 
 def parse_entries(specs: Sequence[str], *, paper: bool = False,
@@ -193,19 +213,20 @@ def parse_entries(specs: Sequence[str], *, paper: bool = False,
   """``["healnet@clinical+rna", "coxnet@clinical"]`` -> entries with configs.
 
   Raises:
-    ValueError: a malformed entry or unknown model.
+    UserError (a ValueError): a malformed entry, unknown model or modality,
+      or a bad override.
   """
   out = []
   for spec in specs:
     model, sep, mods = spec.partition("@")
     if not sep or not mods:
-      raise ValueError(f"entry {spec!r} must be model@modalities, e.g. healnet@clinical+rna")
+      raise UserError(f"entry {spec!r} must be model@modalities, e.g. healnet@clinical+rna")
     if model == COXNET:
       out.append(Entry(model, mods, None))
       continue
     if model not in ft.MODEL_NAMES:
-      raise ValueError(f"entry {spec!r}: unknown model {model!r}; known: "
-                       f"{ft.MODEL_NAMES + (COXNET,)}")
+      raise UserError(f"entry {spec!r}: unknown model {model!r}; known: "
+                      f"{ft.MODEL_NAMES + (COXNET,)}")
     out.append(Entry(model, mods, entry_config(model, mods, paper=paper, overrides=overrides)))
   return out
 
@@ -239,8 +260,10 @@ class CohortCache:
   def cohort(self, config_or_modalities) -> multimodal.MultimodalCohort:
     """The cohort of a config (its ``data``) or of a '+'-joined modality set."""
     if isinstance(config_or_modalities, str):
-      from configs.fusion import parse_modalities  # Repo root is on sys.path.
-      tab, with_wsi = parse_modalities(config_or_modalities)
+      try:
+        tab, with_wsi = _config_module("fusion").parse_modalities(config_or_modalities)
+      except ValueError as e:
+        raise UserError(str(e)) from e
       wsi, wsi_kwargs, seed = ("pam50" if with_wsi else None), self.wsi_kwargs, 0
     else:
       d = config_or_modalities.data
@@ -560,14 +583,14 @@ def run_missing(models: Sequence[str], modalities: str, out: str | pathlib.Path,
     The long per-fold DataFrame (model, p, fold, test_cindex, ...).
 
   Raises:
-    ValueError: fewer than two modalities, p outside [0, 1].
+    UserError (a ValueError): fewer than two modalities, p outside [0, 1].
   """
   from tqdm.auto import tqdm
   if len(modalities.split("+")) < 2:
-    raise ValueError(f"the missing-modality experiment needs >= 2 modalities, got "
-                     f"{modalities!r}")
+    raise UserError(f"the missing-modality experiment needs >= 2 modalities, got "
+                    f"{modalities!r}")
   if any(not 0 <= p <= 1 for p in ps):
-    raise ValueError(f"drop probabilities must be in [0, 1], got {list(ps)}")
+    raise UserError(f"drop probabilities must be in [0, 1], got {list(ps)}")
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   cache = cache or CohortCache()
@@ -675,88 +698,137 @@ def write_missing_table(df: pd.DataFrame, out: pathlib.Path, *, repeats: int) ->
 # ----------------------------------------------------------------------------
 
 
-def _csv(s: str) -> list[str]:
-  return [x for x in s.split(",") if x]
+COMMANDS = ("table", "missing")
+_COMMON_FLAGS = ("out", "paper", "set", "folds", "n-folds", "fold-seed", "quiet", "verbose")
+_COMMAND_FLAGS = {
+    "table": ("entries", "config", "with-wsi", "no-coxnet", "no-resume", "l1-ratio"),
+    "missing": ("models", "modalities", "p", "repeats", "no-late-unimodal"),
+}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxsurv.cv", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-  common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--out", required=True, help="output folder")
-  common.add_argument("--paper", action="store_true", help="paper settings (default: local)")
-  common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override for every entry (repeatable)")
-  common.add_argument("--folds", type=_csv, default=None, help="e.g. 0,1 (default: all)")
-  common.add_argument("--n-folds", type=int, default=5)
-  common.add_argument("--fold-seed", type=int, default=0)
-  common.add_argument("--quiet", action="store_true", help="no progress bar")
-  common.add_argument("--verbose", action="store_true", help="per-epoch progress bars")
-  t = sub.add_parser("table", parents=[common], help="the model x modality-set table")
-  t.add_argument("--entries", type=_csv, default=None,
-                 help="model@modalities,... (default: " + ",".join(TABLE_ENTRIES) + ")")
-  t.add_argument("--config", action="append", default=[],
-                 help="config file[:arg] to run as an entry (repeatable; replaces the "
-                      "default entries unless --entries is given)")
-  t.add_argument("--with-wsi", action="store_true",
-                 help="add " + ",".join(WSI_ENTRIES))
-  t.add_argument("--no-coxnet", action="store_true", help="drop the Coxnet entries")
-  t.add_argument("--no-resume", action="store_true")
-  t.add_argument("--l1-ratio", type=float, default=0.5, help="Coxnet elastic-net mixing")
-  m = sub.add_parser("missing", parents=[common], help="missing modalities at test time")
-  m.add_argument("--models", type=_csv, default=list(MISSING_MODELS))
-  m.add_argument("--modalities", default="clinical+rna")
-  m.add_argument("--p", type=lambda s: [float(x) for x in _csv(s)],
-                 default=[0.0, 0.25, 0.5, 1.0])
-  m.add_argument("--repeats", type=int, default=5)
-  m.add_argument("--no-late-unimodal", action="store_true")
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  """Defines the command's absl flags on ``fv``; ``argv`` carries ``--config.x=y`` overrides."""
+  f = dict(flag_values=fv)
+  flags.DEFINE_string("out", None, "output folder", **f)
+  flags.DEFINE_boolean("paper", False, "paper settings (default: local)", **f)
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every entry (repeatable)",
+                            **f)
+  flags.DEFINE_list("folds", None, "folds to run, e.g. 0,1 (default: all)", **f)
+  flags.DEFINE_integer("n-folds", 5, "number of folds", lower_bound=2, **f)
+  flags.DEFINE_integer("fold-seed", 0, "seed of the folds", **f)
+  flags.DEFINE_boolean("quiet", False, "no progress bar", **f)
+  flags.DEFINE_boolean("verbose", False, "per-epoch progress bars", **f)
+  # table
+  flags.DEFINE_list("entries", None,
+                    "table: model@modalities,... (default: " + ",".join(TABLE_ENTRIES) + ")", **f)
+  config_flags.DEFINE_config_file(
+      "config", None, "table: config file[:arg] to run as an entry (replaces the default "
+      "entries unless --entries is given); --config.key=value overrides its fields",
+      lock_config=False, sys_argv=list(argv), **f)
+  flags.DEFINE_boolean("with-wsi", False, "table: add " + ",".join(WSI_ENTRIES), **f)
+  flags.DEFINE_boolean("no-coxnet", False, "table: drop the Coxnet entries", **f)
+  flags.DEFINE_boolean("no-resume", False, "table: retrain folds that have results", **f)
+  flags.DEFINE_float("l1-ratio", 0.5, "table: Coxnet elastic-net mixing", **f)
+  # missing
+  flags.DEFINE_list("models", list(MISSING_MODELS), "missing: models trained on all modalities",
+                    **f)
+  flags.DEFINE_string("modalities", "clinical+rna", "missing: '+'-joined modality set", **f)
+  flags.DEFINE_list("p", ["0.0", "0.25", "0.5", "1.0"],
+                    "missing: test-time drop probabilities", **f)
+  flags.DEFINE_integer("repeats", 5, "missing: random masks per fold and p", lower_bound=1, **f)
+  flags.DEFINE_boolean("no-late-unimodal", False, "missing: no unimodal late-fusion row", **f)
+  flags.mark_flag_as_required("out", flag_values=fv)
 
+
+def _command(argv: Sequence[str], fv: flags.FlagValues) -> str:
+  """The subcommand of ``argv``; UsageError for none, another, or a flag of the other one."""
+  rest = list(argv[1:])
+  if len(rest) != 1 or rest[0] not in COMMANDS:
+    raise app.UsageError(f"expected one command, {' or '.join(COMMANDS)}; got {rest}")
+  command = rest[0]
+  other = [n for c, names in _COMMAND_FLAGS.items() if c != command for n in names
+           if fv[n].present]
+  if other:
+    raise app.UsageError(f"{command}: {', '.join('--' + n for n in other)} "
+                         f"belong{'s' if len(other) == 1 else ''} to the other command")
+  return command
+
+
+def _ints(values: Sequence[str] | None, flag: str) -> list[int] | None:
+  try:
+    return None if values is None else [int(v) for v in values]
+  except ValueError:
+    raise UserError(f"--{flag}: expected comma-separated integers, got {','.join(values)}") from None
+
+
+def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
+  """Runs ``table`` or ``missing`` on parsed flags; returns 0.
+
+  Raises:
+    absl.app.UsageError: no or an unknown command, or a flag of the other one.
+    UserError: bad entries, overrides, folds or drop probabilities.
+  """
+  command = _command(argv, fv)
   logging.basicConfig(level=logging.WARNING)
-  import jax
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxsurv.data import fetch  # pylint: disable=import-outside-toplevel
   # Persistent compilation cache: repeated runs skip recompiling the steps.
-  cache_dir = pathlib.Path("~/.cache/jaxsurv/jax_compilation_cache").expanduser()
-  jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+  jax.config.update("jax_compilation_cache_dir", str(fetch.cache_dir("jax_compilation_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-  folds = None if args.folds is None else [int(f) for f in args.folds]
-  from configs.fusion import base_config
+  out = pathlib.Path(fv.out)
+  overrides = list(fv.set)
+  folds = _ints(fv.folds, "folds")
   # Coxnet entries name only a modality set: their WSI bags are those of the
   # deep models' configs (the local variant keeps at most 64 tiles).
-  wsi_kwargs = dict(base_config("concat", "wsi", local=not args.paper).data.wsi_kwargs)
-  cache = CohortCache(n_folds=args.n_folds, fold_seed=args.fold_seed, wsi_kwargs=wsi_kwargs)
+  wsi_kwargs = dict(_config_module("fusion").base_config(
+      "concat", "wsi", local=not fv.paper).data.wsi_kwargs)
+  cache = CohortCache(n_folds=fv["n-folds"].value, fold_seed=fv["fold-seed"].value,
+                      wsi_kwargs=wsi_kwargs)
   t0 = time.time()
-  if args.command == "table":
+  if command == "table":
     entries = []
-    if args.config and args.entries is None:
-      for spec in args.config:
-        cfg = apply_overrides(load_config(spec), args.set)
-        entries.append(Entry(cfg.model_name, modality_label(cfg), cfg))
-    else:
-      specs = list(args.entries or TABLE_ENTRIES)
-      if args.with_wsi:
+    if fv["entries"].value is not None or not fv["config"].present:
+      specs = list(fv["entries"].value or TABLE_ENTRIES)
+      if fv["with-wsi"].value:
         specs += [e for e in WSI_ENTRIES if e not in specs]
-      entries = parse_entries(specs, paper=args.paper, overrides=args.set)
-      for spec in args.config:
-        cfg = apply_overrides(load_config(spec), args.set)
-        entries.append(Entry(cfg.model_name, modality_label(cfg), cfg))
-    if args.no_coxnet:
+      entries = parse_entries(specs, paper=fv.paper, overrides=overrides)
+    if fv["config"].present:
+      cfg = apply_overrides(cli.config_value(fv["config"]), overrides)
+      entries.append(Entry(cfg.model_name, modality_label(cfg), cfg))
+    if fv["no-coxnet"].value:
       entries = [e for e in entries if e.model != COXNET]
-    run_table(entries, args.out, folds=folds, cache=cache, resume=not args.no_resume,
-              progress=not args.quiet, verbose=args.verbose,
-              coxnet_kwargs={"l1_ratio": args.l1_ratio})
-    print((pathlib.Path(args.out) / "table.md").read_text())
+    if not entries:
+      raise UserError("no entries left to run")
+    run_table(entries, out, folds=folds, cache=cache, resume=not fv["no-resume"].value,
+              progress=not fv.quiet, verbose=fv.verbose,
+              coxnet_kwargs={"l1_ratio": fv["l1-ratio"].value})
+    print((out / "table.md").read_text())
   else:
-    run_missing(args.models, args.modalities, args.out, ps=args.p, repeats=args.repeats,
-                late_unimodal=not args.no_late_unimodal, paper=args.paper,
-                overrides=args.set, folds=folds, cache=cache, progress=not args.quiet,
-                verbose=args.verbose)
-    print((pathlib.Path(args.out) / "missing.md").read_text())
+    try:
+      ps = [float(x) for x in fv.p]
+    except ValueError:
+      raise UserError(f"--p: expected comma-separated numbers, got {','.join(fv.p)}") from None
+    run_missing(list(fv.models), fv.modalities, out, ps=ps, repeats=fv.repeats,
+                late_unimodal=not fv["no-late-unimodal"].value, paper=fv.paper,
+                overrides=overrides, folds=folds, cache=cache, progress=not fv.quiet,
+                verbose=fv.verbose)
+    print((out / "missing.md").read_text())
   print(f"total {time.time() - t0:.0f} s")
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """In-process entry point: ``argv`` without the program name; returns the exit status.
+
+  Ends as ``jaxsurv.cli.call`` does (0; 2 with one message on stderr for a
+  user or environment error; 1 for a usage or flag error).
+
+  Raises:
+    Exceptions that are bugs (see ``jaxsurv.cli``).
+  """
+  return cli.call(_main, define_flags, sys.argv[1:] if argv is None else argv,
+                  prog="python -m jaxsurv.cv")
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(_main, define_flags=define_flags)

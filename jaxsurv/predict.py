@@ -1,7 +1,13 @@
 r"""Predict and explain for new patients with a finished MMNN run.
 
   python -m jaxsurv.predict --workdir=runs/mmnn --manifest=new_patients.csv \
-      --out=runs/mmnn/predict_new [--heatmaps] [--layer=last_dense_block] [--head=mm]
+      --out=runs/mmnn_predict_new [--heatmaps] [--layer=last_dense_block] [--head=mm]
+
+``--out`` must lie outside every run folder and hold none
+(``jaxsurv.runs.refuse_output_near_runs``): the run's own folder, a folder
+inside it, or its parent (which ``--overwrite`` would replace) is refused
+before anything is read or written. Errors end as ``jaxsurv.cli`` describes:
+one message and exit status 2 for bad input (``--debug``: the traceback).
 
 What it does, in order (nothing is written until every step has succeeded):
 
@@ -60,7 +66,6 @@ Outputs (``OUT/``):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -81,18 +86,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pandas as pd
+from absl import app, flags
 
-from jaxsurv import evaluate, gradcam, survival
+from jaxsurv import cli, evaluate, gradcam, runs, survival
 from jaxsurv.data import clinical as clinical_lib
 from jaxsurv.data import manifest as mf
 from jaxsurv.data import mri
+from jaxsurv.errors import UserError
 
 log = logging.getLogger("jaxsurv")
 
 PathLike = str | os.PathLike
 
 
-class RunLoadError(ValueError):
+class RunLoadError(UserError):
   """A run's files are missing, unreadable or inconsistent (the message names the file)."""
 
 
@@ -100,8 +107,12 @@ class CheckpointMismatchError(RunLoadError):
   """The checkpoint does not hold the model that the run's config builds."""
 
 
-class InputError(mf.CohortValidationError):
+class InputError(mf.CohortValidationError, UserError):
   """The new patients cannot be predicted; ``.problems`` names every patient, column and file."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+  """``--out`` exists and is not an empty folder (and ``--overwrite`` was not given)."""
 
 
 # ----------------------------------------------------------------------------
@@ -533,12 +544,13 @@ def _safe_names(ids: Sequence[str]) -> list[str]:
 
 
 def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+  """Raises OutputExistsError (a FileExistsError) unless ``out`` may be written."""
   if out.exists():
     if not out.is_dir():
-      raise FileExistsError(f"--out {out}: exists and is not a folder")
+      raise OutputExistsError(f"--out {out}: exists and is not a folder")
     if any(out.iterdir()) and not overwrite:
-      raise FileExistsError(f"--out {out}: folder exists and is not empty (pass --overwrite to "
-                            "replace it)")
+      raise OutputExistsError(f"--out {out}: folder exists and is not empty (pass --overwrite "
+                              "to replace it)")
 
 
 @contextlib.contextmanager
@@ -595,7 +607,8 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
     head: Grad-CAM head: ``"mm"`` (multimodal, the prediction) or ``"image"``.
     step_days: survival curve grid step (days).
     batch_size: patients per forward pass (default ``config.eval_batch_size``).
-    overwrite: replace a non-empty ``out``.
+    overwrite: replace a non-empty ``out`` (never a run folder, nor a folder
+      holding or inside one: ``runs.refuse_output_near_runs``).
     check_images: manifest image check mode (``manifest.validate_cohort``).
     progress: show a progress bar.
 
@@ -606,32 +619,42 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
     RunLoadError / CheckpointMismatchError: see ``load_run``.
     InputError: see ``check_manifest``; also a patient whose preprocessing
       fails (every such patient is listed).
-    FileNotFoundError: the manifest is missing. FileExistsError: ``out`` is
-      not empty. ValueError: Grad-CAM asked of a model without images, an
-      unknown layer or head, a bad ``step_days`` or ``batch_size``.
+    UserError: ``out`` is, lies inside or contains a run folder
+      (``runs.refuse_output_near_runs``), checked before anything else.
+    FileNotFoundError: the manifest is missing. OutputExistsError (a
+      FileExistsError): ``out`` is not empty. UserError (a ValueError):
+      Grad-CAM asked of a model without images, an unknown layer or head, a
+      bad ``step_days`` or ``batch_size``.
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   from jaxsurv import train  # pylint: disable=import-outside-toplevel
-  if not step_days > 0:
-    raise ValueError(f"step_days: must be > 0 days, got {step_days!r}")
   out = pathlib.Path(out)
+  runs.refuse_output_near_runs(out)
+  if not step_days > 0:
+    raise UserError(f"step_days: must be > 0 days, got {step_days!r}")
   _check_out(out, overwrite)
   run = load_run(workdir)
   bs = int(batch_size or run.config.eval_batch_size)
   if bs < 1:
-    raise ValueError(f"batch_size: must be >= 1, got {bs}")
+    raise UserError(f"batch_size: must be >= 1, got {bs}")
   predict_jit = jax.jit(functools.partial(train.predict_fn, model=run.model))
   cam_jit = None
   if heatmaps:
     if not run.has_image:
-      raise ValueError(f"--heatmaps: the run's model has no image branch (modalities "
-                       f"{list(run.modalities)})")
+      raise UserError(f"--heatmaps: the run's model has no image branch (modalities "
+                      f"{list(run.modalities)})")
+    if head not in run.heads:
+      raise UserError(f"--head: {head!r} is not an output of this model; available: "
+                      f"{list(run.heads)}")
     cam_jit = jax.jit(functools.partial(gradcam.mmnn_grad_cam, run.model, layer=layer, head=head))
-    # Fails now (not after preprocessing) on an unknown layer or head.
-    jax.eval_shape(cam_jit, run.variables,
-                   jax.ShapeDtypeStruct((1,) + run.preprocess.grid + (len(run.spec.channels),),
-                                        jnp.float32),
-                   jax.ShapeDtypeStruct((1, run.n_clinical_features), jnp.float32))
+    # Fails now (not after preprocessing) on an unknown layer.
+    try:
+      jax.eval_shape(cam_jit, run.variables,
+                     jax.ShapeDtypeStruct((1,) + run.preprocess.grid + (len(run.spec.channels),),
+                                          jnp.float32),
+                     jax.ShapeDtypeStruct((1, run.n_clinical_features), jnp.float32))
+    except ValueError as e:  # gradcam's errors for a layer that is not in the encoder.
+      raise UserError(f"--layer {layer!r}: {e}") from e
 
   df, warnings = check_manifest(run, manifest, check_images=check_images)
   n = len(df)
@@ -760,48 +783,68 @@ def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str],
 # ----------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m jaxsurv.predict",
-      description="Predict risk scores, survival curves and event probabilities (and optionally "
-                  "Grad-CAM heat maps) for new patients with a finished MMNN run.")
-  p.add_argument("--workdir", required=True, help="finished jaxsurv.train run folder")
-  p.add_argument("--manifest", required=True, help="CSV of the new patients (no outcomes needed)")
-  p.add_argument("--out", required=True, help="output folder (written atomically)")
-  p.add_argument("--heatmaps", action="store_true", help="write Grad-CAM heat maps (NIfTI + PNG)")
-  p.add_argument("--layer", default=gradcam.LAST_DENSE_BLOCK,
-                 help="Grad-CAM layer: last_dense_block (default), block_<i>, or a module path "
-                      "inside the image encoder (e.g. norm5)")
-  p.add_argument("--head", default="mm", choices=("mm", "image"),
-                 help="head whose log-hazard Grad-CAM explains (default: mm, the prediction)")
-  p.add_argument("--step_days", type=float, default=30.0, help="survival curve grid step (days)")
-  p.add_argument("--batch_size", type=int, default=None,
-                 help="patients per forward pass (default: the run's eval_batch_size)")
-  p.add_argument("--check_images", default="header", choices=("header", "full"),
-                 help="manifest image check: header + O(1) integrity screen, or full decompression")
-  p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-  p.add_argument("--no_progress", action="store_true", help="no progress bar")
-  return p
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+  """Defines the command's absl flags on ``fv`` (``jaxsurv.cli.run`` / ``cli.call``)."""
+  del argv
+  flags.DEFINE_string("workdir", None, "finished jaxsurv.train run folder", flag_values=fv)
+  flags.DEFINE_string("manifest", None, "CSV of the new patients (no outcomes needed)",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "output folder (written atomically; outside every run folder)",
+                      flag_values=fv)
+  flags.DEFINE_boolean("heatmaps", False, "write Grad-CAM heat maps (NIfTI + PNG)",
+                       flag_values=fv)
+  flags.DEFINE_string("layer", gradcam.LAST_DENSE_BLOCK,
+                      "Grad-CAM layer: last_dense_block (default), block_<i>, or a module path "
+                      "inside the image encoder (e.g. norm5)", flag_values=fv)
+  flags.DEFINE_enum("head", "mm", ["mm", "image"],
+                    "head whose log-hazard Grad-CAM explains (default: mm, the prediction)",
+                    flag_values=fv)
+  flags.DEFINE_float("step_days", 30.0, "survival curve grid step (days)", flag_values=fv)
+  flags.DEFINE_integer("batch_size", None,
+                       "patients per forward pass (default: the run's eval_batch_size)",
+                       flag_values=fv)
+  flags.DEFINE_enum("check_images", "header", ["header", "full"],
+                    "manifest image check: header + O(1) integrity screen, or full decompression",
+                    flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "replace a non-empty --out folder (never a run)",
+                       flag_values=fv)
+  flags.DEFINE_boolean("no_progress", False, "no progress bar", flag_values=fv)
+  flags.mark_flags_as_required(["workdir", "manifest", "out"], flag_values=fv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Command-line entry point; returns the exit status (2 on bad input)."""
-  args = _parser().parse_args(argv)
+def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
+  """Runs the command on parsed flags ``fv``; returns 0 (errors raise, see ``predict``).
+
+  Raises:
+    absl.app.UsageError: positional arguments were given.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])}; every option is a --flag")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   log.setLevel(logging.INFO)
-  try:
-    summary = predict(args.workdir, args.manifest, args.out, heatmaps=args.heatmaps,
-                      layer=args.layer, head=args.head, step_days=args.step_days,
-                      batch_size=args.batch_size, overwrite=args.overwrite,
-                      check_images=args.check_images, progress=not args.no_progress)
-  except (RunLoadError, mf.CohortValidationError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"{summary['n_patients']} patients -> {pathlib.Path(args.out).resolve()}")
+  summary = predict(fv.workdir, fv.manifest, fv.out, heatmaps=fv.heatmaps, layer=fv.layer,
+                    head=fv.head, step_days=fv.step_days, batch_size=fv.batch_size,
+                    overwrite=fv.overwrite, check_images=fv.check_images,
+                    progress=not fv.no_progress)
+  print(f"{summary['n_patients']} patients -> {pathlib.Path(fv.out).resolve()}")
   for note in summary["notes"]:
     print(f"note: {note}")
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """In-process entry point: ``argv`` without the program name; returns the exit status.
+
+  Ends as ``jaxsurv.cli.call`` does: 0 on success; 2 with one message on
+  stderr for bad input (a run that cannot be loaded, an invalid manifest, an
+  ``--out`` near a run or not empty, a missing file).
+
+  Raises:
+    Exceptions that are bugs (see ``jaxsurv.cli``).
+  """
+  return cli.call(_main, define_flags, sys.argv[1:] if argv is None else argv,
+                  prog="python -m jaxsurv.predict")
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(_main, define_flags=define_flags)

@@ -178,11 +178,13 @@ def load_cohort(config):
   return prepared
 
 
-def make_splits(table: pd.DataFrame, config, workdir: pathlib.Path | None) -> splits_lib.Split:
+def make_splits(table: pd.DataFrame, config, workdir: pathlib.Path | None, *,
+                save: bool = True) -> splits_lib.Split:
   """Patient-level split; reused from ``WORKDIR/splits.json`` on resume.
 
   With ``workdir`` None the split is computed from the cohort and config
-  only, and nothing is read or written.
+  only, and nothing is read or written; with ``save=False`` an existing
+  ``splits.json`` is read (and checked) but a new split is not written.
 
   Raises:
     UserError: ``WORKDIR/splits.json`` names patients absent from the cohort
@@ -205,7 +207,7 @@ def make_splits(table: pd.DataFrame, config, workdir: pathlib.Path | None) -> sp
     split = splits_lib.train_val_test_split(table, fractions=tuple(config.data.fractions),
                                             stratify=tuple(config.data.stratify),
                                             seed=config.data.split_seed)
-  if path is not None:
+  if path is not None and save:
     splits_lib.save_splits(split, path)
   return split
 
@@ -351,17 +353,43 @@ def _parts(arrays: CohortArrays, split: splits_lib.Split, config) -> dict[str, l
 # ----------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the MMNN job end to end; returns the results dict (also in results.json)."""
-  import json  # pylint: disable=import-outside-toplevel
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  evaluate.write_json_atomic(json.loads(config.to_json_best_effort()), workdir / "config.json")
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_changed_config: bool = False) -> dict:
+  """Runs the MMNN job end to end; returns the results dict (also in results.json).
 
+  The cohort is loaded, split and checked before ``workdir`` is touched; then
+  ``runs.open_run`` creates the run (``run.json``, ``config.json``) or
+  accepts it again, and training resumes from its checkpoint.
+
+  Raises:
+    UserError: from ``runs.open_run`` (a workdir holding another run, config
+      or cohort, unless ``allow_changed_config``; foreign files; not
+      writable) or ``make_splits`` (a continued run's ``splits.json`` names
+      patients the cohort lacks).
+    ValueError, FileNotFoundError: bad config or cohort (``load_cohort``,
+      ``build_arrays``, ``_parts``).
+    TrainingError: a non-finite loss.
+  """
+  from jaxsurv import runs  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir)
   prepared = load_cohort(config)
-  split = make_splits(prepared.table, config, workdir)
+  split = make_splits(prepared.table, config, None)  # Checks; reads and writes nothing.
   arrays, clin_pre = build_arrays(prepared, config, split.train)
   parts = _parts(arrays, split, config)
+  if allow_changed_config:  # A continued run keeps its splits.json: check it before open_run.
+    make_splits(prepared.table, config, workdir, save=False)
+  runs.open_run(workdir, runs.config_to_dict(config),
+                runs.prepared_cohort_fingerprint(prepared, config.data.cohort),
+                allow_changed=allow_changed_config)
+  saved = make_splits(prepared.table, config, workdir)  # WORKDIR/splits.json on resume.
+  if (saved.train, saved.val, saved.test) != (split.train, split.val, split.test):
+    # A run continued with another config keeps the split it was trained on
+    # (a new split would move training patients into val/test).
+    log.warning("keeping the split of %s (the current config splits differently)",
+                workdir / "splits.json")
+    split = saved
+    arrays, clin_pre = build_arrays(prepared, config, split.train)
+    parts = _parts(arrays, split, config)
   evaluate.write_json_atomic({"clinical": clin_pre.to_dict() if clin_pre.fitted else None,
                               "preprocess": dataclasses.asdict(prepared.preprocess)
                               if prepared.preprocess is not None else None,

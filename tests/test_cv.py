@@ -6,6 +6,10 @@ layout against hand-computed means and SDs.
 """
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -15,6 +19,7 @@ from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.metrics import concordance_index_censored
 from sksurv.util import Surv
 
+from conftest import REPO
 from configs import fusion as fusion_configs
 from jaxsurv import cv
 from jaxsurv.data import multimodal as mm
@@ -221,5 +226,106 @@ def test_entries_and_overrides():
     cv.parse_entries(["transformer@rna"])
   with pytest.raises(ValueError, match="unknown config field"):
     cv.parse_entries(["concat@rna"], overrides=["optimizer.nope=1"])
-  cfg = cv.load_config("configs/cmmmf.py:local,modalities=rna+wsi")
-  assert cv.modality_label(cfg) == "rna+wsi"
+  with pytest.raises(ValueError, match="modalities='rna\\+foo'"):
+    cv.parse_entries(["concat@rna+foo"])
+  with pytest.raises(ValueError, match="invalid literal for int"):
+    cv.parse_entries(["concat@rna"], overrides=["num_epochs=many"])
+  cfg = cv.entry_config("cmmmf", "rna+wsi")
+  assert cv.modality_label(cfg) == "rna+wsi" and cfg.model_name == "cmmmf"
+  # Overrides are typed by the field (as --config.x=y): a tuple, a new model kwarg.
+  cfg = cv.apply_overrides(cfg, ["data.stratify=('event', 'pam50')", "model.new_kwarg=(1, 2)",
+                                 "train.input_noise=0.1"])
+  assert cfg.data.stratify == ("event", "pam50") and cfg.model.new_kwarg == (1, 2)
+  assert cfg.train.input_noise == 0.1
+
+
+# ----------------------------------------------------------------------------
+# Command line (absl flags; ml_collections config file; errors end through jaxsurv.cli).
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def captured(monkeypatch, tmp_path):
+  """Replaces run_table / run_missing by recorders; restores the JAX cache settings."""
+  import jax
+  calls = {}
+
+  def table(entries, out, **kw):
+    calls["table"] = (entries, pathlib.Path(out), kw)
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(out) / "table.md").write_text("table")
+
+  def missing(models, modalities, out, **kw):
+    calls["missing"] = (models, modalities, pathlib.Path(out), kw)
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(out) / "missing.md").write_text("missing")
+
+  monkeypatch.setattr(cv, "run_table", table)
+  monkeypatch.setattr(cv, "run_missing", missing)
+  monkeypatch.setenv("JAXSURV_CACHE", str(tmp_path / "cache"))
+  monkeypatch.chdir(REPO)  # The documented commands run from the repository root.
+  saved = (jax.config.jax_compilation_cache_dir,
+           jax.config.jax_persistent_cache_min_compile_time_secs)
+  yield calls
+  jax.config.update("jax_compilation_cache_dir", saved[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+
+
+def test_cli_documented_commands(captured, tmp_path, capsys):
+  import jax
+  out = tmp_path / "cv_table"
+  assert cv.main(["table", "--with-wsi", f"--out={out}"]) == 0
+  entries, where, kw = captured["table"]
+  assert where == out and capsys.readouterr().out.startswith("table")
+  assert [f"{e.model}@{e.modalities}" for e in entries] == list(cv.TABLE_ENTRIES + cv.WSI_ENTRIES)
+  healnet = next(e for e in entries if e.model == "healnet")
+  assert healnet.config.num_epochs == 10  # The local variant.
+  assert kw["resume"] and kw["folds"] is None and kw["cache"].n_folds == 5
+  assert kw["coxnet_kwargs"] == {"l1_ratio": 0.5}
+  # The compilation cache honours $JAXSURV_CACHE.
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "jax_compilation_cache")
+
+  assert cv.main(["table", "--config=configs/healnet.py:local", "--config.num_epochs=3",
+                  "--set", "optimizer.lr=0.01", "--folds=0,1", "--no-resume", "--n-folds", "3",
+                  f"--out={out}"]) == 0
+  entries, _, kw = captured["table"]
+  assert len(entries) == 1 and entries[0].model == "healnet"
+  assert entries[0].config.num_epochs == 3 and entries[0].config.optimizer.lr == 0.01
+  assert kw["folds"] == [0, 1] and not kw["resume"] and kw["cache"].n_folds == 3
+
+  assert cv.main(["table", "--entries=concat@clinical,coxnet@clinical", "--no-coxnet",
+                  "--config=configs/cmmmf.py:local,modalities=rna", f"--out={out}"]) == 0
+  assert [f"{e.model}@{e.modalities}" for e in captured["table"][0]] == [
+      "concat@clinical", "cmmmf@rna"]
+
+  assert cv.main(["missing", f"--out={tmp_path / 'missing'}", "--p=0,1", "--repeats=2"]) == 0
+  models, modalities, where, kw = captured["missing"]
+  assert models == list(cv.MISSING_MODELS) and modalities == "clinical+rna"
+  assert kw["ps"] == [0.0, 1.0] and kw["repeats"] == 2 and kw["late_unimodal"]
+
+
+def test_cli_bad_command_lines(captured, tmp_path, capsys):
+  out = f"--out={tmp_path / 'o'}"
+  assert cv.main([out]) == 1 and "expected one command" in capsys.readouterr().err
+  assert cv.main(["table", "--models=concat", out]) == 1
+  assert "--models belongs to the other command" in capsys.readouterr().err
+  assert cv.main(["table"]) == 1 and "out" in capsys.readouterr().err  # --out is required.
+  assert cv.main(["table", "--set", "nope=1", out]) == 2
+  assert capsys.readouterr().err.strip() == (
+      "jaxsurv: error: override 'nope=1': unknown config field 'nope'")
+  assert cv.main(["table", "--folds=0,x", out]) == 2
+  assert "--folds: expected comma-separated integers" in capsys.readouterr().err
+  assert cv.main(["table", "--config=configs/nope.py", out]) == 2
+  assert "--config: the config file could not be loaded" in capsys.readouterr().err
+  assert not captured
+
+
+def test_cli_as_a_module_ends_with_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "jaxsurv.cv", "table", "--entries=healnet",
+                         f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=300,
+                        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO),
+                                           JAXSURV_CACHE=str(tmp_path / "cache")))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [
+      "jaxsurv: error: entry 'healnet' must be model@modalities, e.g. healnet@clinical+rna"]
+  assert not (tmp_path / "o").exists()

@@ -6,6 +6,9 @@ trainer from the prepared dataset) is the reference for the risk scores, and
 scikit-survival's ``BreslowEstimator`` refitted on its training split is the
 reference for the survival curves.
 
+An ``--out`` that is the run folder, lies inside it, or is its parent (with
+``--overwrite``) is refused with one message, and the run stays intact.
+
 The real-scan test sends the two pyradiomics brain MRIs (brain1, brain2)
 through ``python -m jaxsurv.predict --heatmaps`` with that run. The demo run
 has 2 channels (t1c, t2fs) and the brain cases 1 scan each, so the manifest
@@ -296,3 +299,31 @@ def test_real_brain_scans_through_the_command_line(trained, tmp_path):
   code = predict.main([f"--workdir={workdir}", f"--manifest={tmp_path / 'brain_bad.csv'}",
                        f"--out={tmp_path / 'bad_out'}", "--no_progress"])
   assert code == 2 and not (tmp_path / "bad_out").exists()
+
+
+def _files(folder):
+  return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_out_at_inside_or_above_the_run_is_refused(trained, tmp_path, capsys):
+  workdir, _ = trained
+  path, _ = _new_patients(trained, tmp_path, n=2)
+  before = _files(workdir.parent)
+  for out, extra, text in ((workdir, [], "is the run folder"),
+                           (workdir / "predict_new", [], "lies inside the run folder"),
+                           (workdir.parent, ["--overwrite"], "contains the run folder")):
+    code = predict.main([f"--workdir={workdir}", f"--manifest={path}", f"--out={out}",
+                         "--no_progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxsurv: error: --out ") and text in err
+    assert str(workdir) in err and "Traceback" not in err
+    assert _files(workdir.parent) == before  # The run (and its parent) untouched.
+  with pytest.raises(predict.UserError, match="contains the run folder"):
+    predict.predict(workdir, path, workdir.parent, overwrite=True, progress=False)
+  assert _files(workdir.parent) == before
+  # Next to the run is fine.
+  code = predict.main([f"--workdir={workdir}", f"--manifest={path}",
+                       f"--out={tmp_path / 'next_to_it'}", "--no_progress"])
+  assert code == 0 and (tmp_path / "next_to_it" / "predictions.csv").is_file()

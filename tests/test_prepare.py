@@ -258,8 +258,17 @@ def test_cli_prepare_and_list(env, tmp_path, capsys, monkeypatch):
   assert cli.main(["list", "--data-dir", str(data_dir)]) == 0
   listed = capsys.readouterr().out
   assert "rotterdam_rendered" in listed and row["config"] in listed
-  with pytest.raises(SystemExit, match="no images"):
-    cli.main(["prepare", "gbsg", "--grid", "8", "--data-dir", str(data_dir)])
+  # Bad input ends with one message and exit status 2; a flag of another command,
+  # or a grid given as three words, is a usage error (status 1).
+  assert cli.main(["prepare", "gbsg", "--grid", "8", "--data-dir", str(data_dir)]) == 2
+  assert capsys.readouterr().err.strip() == (
+      "jaxsurv: error: cohort 'gbsg' has no images; preprocessing flags ['--grid'] do not apply")
+  assert cli.main(["list", "--grid", "8"]) == 1
+  assert "list does not take --grid" in capsys.readouterr().err
+  assert cli.main(["prepare", "sarcoma_phantom", "--grid", "8", "8", "8"]) == 1
+  assert "give --grid as D,H,W" in capsys.readouterr().err
+  assert cli.main(["prepare", "sarcoma_phantom", "--grid=8,8", "--data-dir", str(data_dir)]) == 2
+  assert "--grid takes 1 or 3 integers" in capsys.readouterr().err
 
 
 def test_cli_manifest_writes_a_label_free_part_of_a_run(env, tmp_path, capsys, monkeypatch):

@@ -3,13 +3,18 @@
 Usage::
 
   python -m jaxsurv.data list [--data-dir DIR]
-  python -m jaxsurv.data prepare NAME [--n-patients N] [--seed S] [--grid 64 | --grid D H W]
+  python -m jaxsurv.data prepare NAME [--n-patients N] [--seed S] [--grid 64 | --grid D,H,W]
       [--spacing-mm 1] [--fov-mm 96 | --fov-mm none] [--margin-mm 10] [--n4]
       [--mask-to-periphery] [--periphery-mm 10] [--data-dir DIR] [--workers 1]
       [--missing-images error|absent] [--force] [--no-progress]
   python -m jaxsurv.data prepare path/to/manifest.csv --spec spec.json [...]
   python -m jaxsurv.data manifest NAME --out FILE.csv [--n-patients N] [--seed S]
       [--splits RUN/splits.json --part test] [--drop-outcomes]
+
+The options are absl flags (``--flag value`` or ``--flag=value``); a flag
+of another command is refused. ``--grid`` takes one size (a cube) or three
+comma-separated sizes ``D,H,W``. Errors end as ``jaxsurv.cli`` describes: one
+message and exit status 2 for bad input (``--debug``: the traceback).
 
 ``NAME`` is a known cohort (``sarcoma_phantom``, ``rotterdam_rendered``,
 ``rotterdam``, ``gbsg``, ``tcga_brca``, ``breast_cancer``) or a manifest CSV
@@ -43,113 +48,116 @@ the demo's oracle, latent and render columns: a "new patients" manifest for
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
 import sys
+from typing import Sequence
 
+from absl import app, flags
+
+from jaxsurv import cli
+from jaxsurv.errors import UserError
+
+COMMANDS = ("list", "prepare", "manifest")
 _PREPROCESS_FLAGS = ("grid", "spacing_mm", "fov_mm", "margin_mm", "n4", "mask_to_periphery",
                      "periphery_mm")
+# The flags each command takes (absl flags are one namespace; the others are refused).
+_COMMAND_FLAGS = {
+    "list": ("data-dir",),
+    "prepare": ("spec", "n-patients", "seed", "grid", "spacing-mm", "fov-mm", "margin-mm", "n4",
+                "mask-to-periphery", "periphery-mm", "data-dir", "workers", "missing-images",
+                "force", "no-progress"),
+    "manifest": ("out", "n-patients", "seed", "splits", "part", "drop-outcomes", "no-progress"),
+}
+
+
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+  """Defines the command's absl flags on ``fv`` (``jaxsurv.cli.run`` / ``cli.call``)."""
+  del argv
+  f = dict(flag_values=fv)
+  flags.DEFINE_string("data-dir", None, "list, prepare: TFDS data folder (default: "
+                      "$JAXSURV_CACHE/tfds)", **f)
+  flags.DEFINE_string("spec", None, "prepare: JSON CohortSpec file (manifest cohorts only)", **f)
+  flags.DEFINE_integer("n-patients", None,
+                       "prepare, manifest: demo cohorts: patients to generate (default 300 "
+                       "sarcoma_phantom, all 2982 rotterdam_rendered)", **f)
+  flags.DEFINE_integer("seed", 0, "prepare, manifest: demo cohort generator seed", **f)
+  flags.DEFINE_list("grid", None, "prepare: output grid in voxels: one value (cube) or D,H,W",
+                    **f)
+  flags.DEFINE_float("spacing-mm", None, "prepare: isotropic intermediate resampling (mm)", **f)
+  flags.DEFINE_string("fov-mm", None, "prepare: fixed field of view (mm) centred on the tumour, "
+                      "or 'none' for bounding box + margin", **f)
+  flags.DEFINE_float("margin-mm", None, "prepare: margin around the mask's box (mm)", **f)
+  flags.DEFINE_boolean("n4", None, "prepare: N4 bias-field correction", **f)
+  flags.DEFINE_boolean("mask-to-periphery", None,
+                       "prepare: zero voxels beyond the tumour dilated by --periphery-mm", **f)
+  flags.DEFINE_float("periphery-mm", None, "prepare: tumour dilation (mm)", **f)
+  flags.DEFINE_integer("workers", 1, "prepare: preprocessing processes", lower_bound=1, **f)
+  flags.DEFINE_enum("missing-images", "error", ["error", "absent"],
+                    "prepare: an image path pointing to no file: validation error (default) or "
+                    "keep the patient with image_present=False", **f)
+  flags.DEFINE_boolean("force", False, "prepare: delete and rewrite an existing version", **f)
+  flags.DEFINE_boolean("no-progress", False, "prepare, manifest: no progress bars", **f)
+  flags.DEFINE_string("out", None, "manifest: CSV file to write (required)", **f)
+  flags.DEFINE_string("splits", None, "manifest: a run's splits.json: keep only the patients of "
+                      "--part", **f)
+  flags.DEFINE_enum("part", "test", ["train", "val", "test"],
+                    "manifest: part of --splits to keep", **f)
+  flags.DEFINE_boolean("drop-outcomes", False, "manifest: drop outcome, oracle, latent and "
+                       "render columns (label-free manifest)", **f)
+
+
+def _value(fv: flags.FlagValues, name: str):
+  return fv[name].value
+
+
+def _path(fv: flags.FlagValues, name: str) -> pathlib.Path | None:
+  v = fv[name].value
+  return None if v is None else pathlib.Path(v)
 
 
 def _fov(text: str):
   if text.lower() in ("none", "off"):
-    return "none"
+    return None
   try:
     return float(text)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"--fov-mm: expected millimetres or 'none', got {text!r}") from None
+    raise UserError(f"--fov-mm: expected millimetres or 'none', got {text!r}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m jaxsurv.data", description=__doc__.split("\n\n")[0],
-                              epilog="See the module docstrings of jaxsurv.data.__main__ and "
-                                     "jaxsurv.data.prepare for details.")
-  sub = p.add_subparsers(dest="command", required=True)
+def _preprocess_from_flags(fv: flags.FlagValues, name: str, spec):
+  """The cohort's default PreprocessConfig with the given flags applied (None if no images).
 
-  ls = sub.add_parser("list", help="list known cohorts and the datasets prepared in --data-dir")
-  ls.add_argument("--data-dir", type=pathlib.Path, default=None,
-                  help="TFDS data folder (default: $JAXSURV_CACHE/tfds)")
-
-  pr = sub.add_parser(
-      "prepare", help="validate, preprocess and write a cohort as a TFDS dataset",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Prepares NAME once as a TFDS ArrayRecord dataset (reused when the same "
-                  "version exists).",
-      epilog="Manifest cohorts need --spec FILE.json with CohortSpec fields, e.g.\n"
-             '  {"channels": ["t1c", "t2fs"], "mask": "mask", "numeric": ["age"],\n'
-             '   "categorical": ["grade"], "outcomes": ["os"]}\n'
-             "Preprocessing flags override the cohort's default settings "
-             "(rotterdam_rendered: fixed 96 mm field of view).")
-  pr.add_argument("name", help="known cohort (see `list`) or a manifest CSV path")
-  pr.add_argument("--spec", type=pathlib.Path, default=None,
-                  help="JSON CohortSpec file (manifest cohorts only)")
-  pr.add_argument("--n-patients", type=int, default=None,
-                  help="demo cohorts: patients to generate (default 300 sarcoma_phantom, all "
-                       "2982 rotterdam_rendered)")
-  pr.add_argument("--seed", type=int, default=0, help="demo cohorts: generator seed (default 0)")
-  pr.add_argument("--grid", type=int, nargs="+", default=None, metavar="N",
-                  help="output grid in voxels: one value (cube) or D H W")
-  pr.add_argument("--spacing-mm", type=float, default=None,
-                  help="isotropic intermediate resampling (mm)")
-  pr.add_argument("--fov-mm", type=_fov, default=None,
-                  help="fixed field of view (mm) centred on the tumour, or 'none' for "
-                       "bounding box + margin")
-  pr.add_argument("--margin-mm", type=float, default=None, help="margin around the mask's box (mm)")
-  pr.add_argument("--n4", action="store_true", default=None, help="N4 bias-field correction")
-  pr.add_argument("--mask-to-periphery", action="store_true", default=None,
-                  help="zero voxels beyond the tumour dilated by --periphery-mm")
-  pr.add_argument("--periphery-mm", type=float, default=None, help="tumour dilation (mm)")
-  pr.add_argument("--data-dir", type=pathlib.Path, default=None,
-                  help="TFDS data folder (default: $JAXSURV_CACHE/tfds)")
-  pr.add_argument("--workers", type=int, default=1, help="preprocessing processes (default 1)")
-  pr.add_argument("--missing-images", choices=("error", "absent"), default="error",
-                  help="an image path pointing to no file: validation error (default) or keep "
-                       "the patient with image_present=False")
-  pr.add_argument("--force", action="store_true", help="delete and rewrite an existing version")
-  pr.add_argument("--no-progress", action="store_true", help="no progress bars")
-  mn = sub.add_parser(
-      "manifest", help="write a demo cohort's manifest (absolute paths), e.g. for predict",
-      description="Writes the manifest of a demo cohort with absolute image paths, optionally "
-                  "one part of a run's splits.json and without outcomes.")
-  mn.add_argument("name", help="demo cohort: sarcoma_phantom or rotterdam_rendered")
-  mn.add_argument("--out", type=pathlib.Path, required=True, help="CSV file to write")
-  mn.add_argument("--n-patients", type=int, default=None,
-                  help="patients of the demo cohort (as given to prepare / the run's config)")
-  mn.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-  mn.add_argument("--splits", type=pathlib.Path, default=None,
-                  help="a run's splits.json: keep only the patients of --part")
-  mn.add_argument("--part", default="test", choices=("train", "val", "test"),
-                  help="part of --splits to keep (default test)")
-  mn.add_argument("--drop-outcomes", action="store_true",
-                  help="drop outcome, oracle, latent and render columns (label-free manifest)")
-  mn.add_argument("--no-progress", action="store_true", help="no progress bar while rendering")
-  return p
-
-
-def _preprocess_from_args(args, name: str, spec):
-  """The cohort's default PreprocessConfig with the given flags applied (None if no images)."""
+  Raises:
+    UserError: preprocessing flags for a cohort without images, a bad
+      ``--grid`` or ``--fov-mm``, or settings ``PreprocessConfig`` rejects.
+  """
   from jaxsurv.data import prepare  # pylint: disable=import-outside-toplevel
-  given = {k: getattr(args, k) for k in _PREPROCESS_FLAGS if getattr(args, k) is not None}
+  given = {k: fv[k.replace("_", "-")].value for k in _PREPROCESS_FLAGS
+           if fv[k.replace("_", "-")].present}
   has_images = bool(spec.channels) if spec is not None else prepare.default_preprocess(name) is not None
   if not has_images:
     if given:
-      raise SystemExit(f"error: cohort {name!r} has no images; preprocessing flags "
-                       f"{sorted('--' + k.replace('_', '-') for k in given)} do not apply")
+      raise UserError(f"cohort {name!r} has no images; preprocessing flags "
+                      f"{sorted('--' + k.replace('_', '-') for k in given)} do not apply")
     return None
   base = prepare.default_preprocess(name) if spec is None else prepare.DEFAULT_PREPROCESS
   if "grid" in given:
     g = given["grid"]
+    try:
+      g = [int(x) for x in g]
+    except ValueError:
+      raise UserError(f"--grid: expected integers, got {','.join(g)}") from None
     if len(g) not in (1, 3):
-      raise SystemExit(f"error: --grid takes 1 or 3 integers, got {g}")
+      raise UserError(f"--grid takes 1 or 3 integers (D,H,W), got {g}")
     given["grid"] = tuple(g * 3 if len(g) == 1 else g)
-  if given.get("fov_mm") == "none":
-    given["fov_mm"] = None
+  if "fov_mm" in given:
+    given["fov_mm"] = _fov(given["fov_mm"])
   try:
     return dataclasses.replace(base, **given)
   except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+    raise UserError(str(e)) from e
 
 
 def _human(n: int) -> str:
@@ -160,46 +168,55 @@ def _human(n: int) -> str:
   return f"{n} B"
 
 
-def _cmd_list(args) -> int:
+def _cmd_list(fv: flags.FlagValues) -> int:
   from jaxsurv.data import prepare  # pylint: disable=import-outside-toplevel
   print("known cohorts:")
   for name, kind, desc in prepare.describe_known_cohorts():
     print(f"  {name:<20} {kind:<14} {desc}")
   print("  <manifest.csv>       image/tabular  your own cohort: prepare PATH --spec SPEC.json")
-  rows = prepare.list_prepared(args.data_dir)
-  where = args.data_dir or "$JAXSURV_CACHE/tfds"
+  data_dir = _path(fv, "data-dir")
+  rows = prepare.list_prepared(data_dir)
+  where = data_dir or "$JAXSURV_CACHE/tfds"
   print(f"prepared in {where}: {len(rows) or 'none'}")
   for r in rows:
     print(f"  {r['config']} (v{r['version']}): {r['n_patients']} patients, {_human(r['bytes'])}")
   return 0
 
 
-def _cmd_prepare(args) -> int:
+def _cmd_prepare(name: str, fv: flags.FlagValues) -> int:
+  """Prepares ``name`` (see the module docstring).
+
+  Raises:
+    UserError: a bad ``--spec``, an unknown cohort, bad preprocessing flags,
+      or what ``prepare.prepare_dataset`` rejects (an invalid manifest or
+      cohort, failed preprocessing, a missing file).
+  """
   from jaxsurv.data import manifest as mf  # pylint: disable=import-outside-toplevel
   from jaxsurv.data import prepare  # pylint: disable=import-outside-toplevel
   spec = None
-  if args.spec is not None:
-    if args.name in prepare.KNOWN_COHORTS:
-      raise SystemExit(f"error: --spec applies to manifest paths, not the known cohort {args.name!r}")
+  spec_path = _path(fv, "spec")
+  if spec_path is not None:
+    if name in prepare.KNOWN_COHORTS:
+      raise UserError(f"--spec applies to manifest paths, not the known cohort {name!r}")
     try:
-      spec = prepare.spec_from_json(json.loads(args.spec.read_text()))
+      spec = prepare.spec_from_json(json.loads(spec_path.read_text()))
     except (OSError, ValueError, TypeError) as e:
-      raise SystemExit(f"error: --spec {args.spec}: {e}") from None
-  elif args.name not in prepare.KNOWN_COHORTS:
-    raise SystemExit(f"error: {args.name!r} is not a known cohort {list(prepare.KNOWN_COHORTS)}; "
-                     "a manifest path needs --spec FILE.json")
-  preprocess = _preprocess_from_args(args, args.name, spec)
+      raise UserError(f"--spec {spec_path}: {e}") from e
+  elif name not in prepare.KNOWN_COHORTS:
+    raise UserError(f"{name!r} is not a known cohort {list(prepare.KNOWN_COHORTS)}; "
+                    "a manifest path needs --spec FILE.json")
+  preprocess = _preprocess_from_flags(fv, name, spec)
   try:
     dataset_dir, reused = prepare.prepare_dataset(
-        args.name, spec=spec, preprocess=preprocess, data_dir=args.data_dir,
-        n_patients=args.n_patients, seed=args.seed, force=args.force,
-        missing_images=args.missing_images, workers=args.workers, progress=not args.no_progress)
-  except (mf.CohortValidationError, prepare.PreprocessingError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+        name, spec=spec, preprocess=preprocess, data_dir=_path(fv, "data-dir"),
+        n_patients=_value(fv, "n-patients"), seed=fv.seed, force=fv.force,
+        missing_images=_value(fv, "missing-images"), workers=fv.workers,
+        progress=not _value(fv, "no-progress"))
+  except (mf.CohortValidationError, prepare.PreprocessingError, ValueError) as e:
+    raise UserError(str(e)) from e
   rows = [r for r in prepare.list_prepared(dataset_dir.parents[2]) if r["dataset_dir"] == dataset_dir]
   n = rows[0]["n_patients"] if rows else "?"
-  print(f"{'reused' if reused else 'prepared'} {args.name}: {n} patients, "
+  print(f"{'reused' if reused else 'prepared'} {name}: {n} patients, "
         f"{_human(prepare.dataset_bytes(dataset_dir))} in {dataset_dir}")
   if preprocess is not None:
     print(f"preprocessing fingerprint {preprocess.fingerprint()}: grid {preprocess.grid}, "
@@ -207,50 +224,92 @@ def _cmd_prepare(args) -> int:
   return 0
 
 
-def _cmd_manifest(args) -> int:
-  """Writes a demo cohort's manifest (see the module docstring)."""
+def _cmd_manifest(name: str, fv: flags.FlagValues) -> int:
+  """Writes a demo cohort's manifest (see the module docstring).
+
+  Raises:
+    UserError: not a demo cohort, no ``--out``, or a ``--splits`` file that
+      cannot be read, holds folds, or names patients the cohort lacks.
+  """
   from jaxsurv.data import manifest as mf  # pylint: disable=import-outside-toplevel
   from jaxsurv.data import phantom  # pylint: disable=import-outside-toplevel
   from jaxsurv.data import prepare  # pylint: disable=import-outside-toplevel
   from jaxsurv.data import splits as splits_lib  # pylint: disable=import-outside-toplevel
-  if args.name not in prepare.DEMO_COHORTS:
-    raise SystemExit(f"error: {args.name!r} is not a demo cohort {list(prepare.DEMO_COHORTS)}")
-  spec = prepare.cohort_spec(args.name)
+  if name not in prepare.DEMO_COHORTS:
+    raise UserError(f"{name!r} is not a demo cohort {list(prepare.DEMO_COHORTS)}")
+  out = _path(fv, "out")
+  if out is None:
+    raise UserError("manifest: --out FILE.csv is required")
+  n_patients, splits_path, part = _value(fv, "n-patients"), _path(fv, "splits"), fv.part
+  spec = prepare.cohort_spec(name)
   try:
-    path = prepare.demo_manifest(args.name, args.n_patients, args.seed,
-                                 progress=not args.no_progress)
+    path = prepare.demo_manifest(name, n_patients, fv.seed, progress=not _value(fv, "no-progress"))
     df = mf.read_manifest(path, spec)
-    if args.splits is not None:
-      split = splits_lib.load_splits(args.splits)
+    if splits_path is not None:
+      split = splits_lib.load_splits(splits_path)
       if isinstance(split, list):
-        raise ValueError(f"{args.splits}: holds {len(split)} folds; give a single run's splits.json")
-      ids = list(getattr(split, args.part))
+        raise UserError(f"{splits_path}: holds {len(split)} folds; give a single run's "
+                        "splits.json")
+      ids = list(getattr(split, part))
       known = set(df[spec.id_column])
       unknown = [i for i in ids if i not in known]
       if unknown:
-        raise ValueError(f"{args.splits}: {len(unknown)} patients of part {args.part!r} are not "
-                         f"in {args.name} (seed {args.seed}, n_patients {args.n_patients}), "
-                         f"e.g. {unknown[:3]}")
+        raise UserError(f"{splits_path}: {len(unknown)} patients of part {part!r} are not "
+                        f"in {name} (seed {fv.seed}, n_patients {n_patients}), "
+                        f"e.g. {unknown[:3]}")
       df = df.set_index(spec.id_column, drop=False).loc[ids].reset_index(drop=True)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if args.drop_outcomes:
+  except UserError:
+    raise
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  if _value(fv, "drop-outcomes"):
     df = df[[c for c in df.columns
              if c not in spec.outcome_columns and not phantom.is_non_model_column(c)]]
-  mf.write_manifest(df.to_dict("records"), args.out)
-  print(f"wrote {args.out}: {len(df)} patients, columns {list(df.columns)}")
+  mf.write_manifest(df.to_dict("records"), out)
+  print(f"wrote {out}: {len(df)} patients, columns {list(df.columns)}")
   return 0
 
 
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  if args.command == "list":
-    return _cmd_list(args)
-  if args.command == "manifest":
-    return _cmd_manifest(args)
-  return _cmd_prepare(args)
+def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
+  """Runs ``list``, ``prepare NAME`` or ``manifest NAME`` on parsed flags.
+
+  Raises:
+    absl.app.UsageError: no or an unknown command, a missing or extra NAME,
+      or a flag of another command.
+    UserError: see the commands.
+  """
+  rest = list(argv[1:])
+  if not rest or rest[0] not in COMMANDS:
+    raise app.UsageError(f"expected a command, one of {list(COMMANDS)}; got {rest}")
+  command, names = rest[0], rest[1:]
+  wanted = 0 if command == "list" else 1
+  if len(names) != wanted:
+    what = "no NAME" if wanted == 0 else "one NAME (a cohort or manifest path)"
+    hint = " (give --grid as D,H,W)" if command == "prepare" and fv["grid"].present else ""
+    raise app.UsageError(f"{command} takes {what}, got {names}{hint}")
+  other = sorted({n for names_ in _COMMAND_FLAGS.values() for n in names_
+                  if n not in _COMMAND_FLAGS[command] and fv[n].present})
+  if other:
+    raise app.UsageError(f"{command} does not take {', '.join('--' + n for n in other)}")
+  if command == "list":
+    return _cmd_list(fv)
+  if command == "manifest":
+    return _cmd_manifest(names[0], fv)
+  return _cmd_prepare(names[0], fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """In-process entry point: ``argv`` without the program name; returns the exit status.
+
+  Ends as ``jaxsurv.cli.call`` does: 0 on success; 2 with one message on
+  stderr for bad input or a missing file; 1 for a usage or flag error.
+
+  Raises:
+    Exceptions that are bugs (see ``jaxsurv.cli``).
+  """
+  return cli.call(_main, define_flags, sys.argv[1:] if argv is None else argv,
+                  prog="python -m jaxsurv.data")
 
 
 if __name__ == "__main__":  # Guard: worker processes (spawn) re-import this module.
-  sys.exit(main())
+  cli.run(_main, define_flags=define_flags)
