@@ -13,7 +13,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,8 @@ def _safe(fn, *args, **kwargs):
 def evaluate_outcome(*, risk: np.ndarray, duration: np.ndarray, event: np.ndarray,
                      train_risk: np.ndarray, train_duration: np.ndarray,
                      train_event: np.ndarray, horizons_years: Sequence[float],
-                     bootstrap_resamples: int = 0, seed: int = 0) -> dict:
+                     bootstrap_resamples: int = 0, seed: int = 0,
+                     survival_fn=None) -> dict:
   """Metrics of one outcome on one split.
 
   Args:
@@ -52,6 +53,10 @@ def evaluate_outcome(*, risk: np.ndarray, duration: np.ndarray, event: np.ndarra
     horizons_years: horizons for the time-dependent AUC and event
       probabilities (years; 365.25 days each).
     bootstrap_resamples: number of bootstrap resamples of Harrell's C (0: off).
+    survival_fn: the model's own survival, ``survival_fn(times [T] days) ->
+      [n, T]`` (e.g. a time-bin model's step function,
+      ``survival.discrete_survival_at``); None: a Breslow baseline fitted on
+      the training risks, ``S(t | x) = S_0(t) ** exp(risk)`` (Cox models).
 
   Returns:
     ``{"n", "events", "cindex", "cindex_uno", "ibs", "auc": {"2y": ...},
@@ -77,18 +82,20 @@ def evaluate_outcome(*, risk: np.ndarray, duration: np.ndarray, event: np.ndarra
   out["cindex_uno"] = None if uno is None else float(uno[0])
   if why:
     out["notes"]["cindex_uno"] = why
-  baseline = survival.BreslowBaseline.fit(train_risk, train_duration, train_event)
+  if survival_fn is None:
+    baseline = survival.BreslowBaseline.fit(train_risk, train_duration, train_event)
+    survival_fn = lambda t: baseline.survival(risk, t)
   lo, hi = np.percentile(duration, [10, 90])
   hi = min(hi, t_max * 0.999)
   times = np.linspace(lo, hi, 50) if hi > lo else np.array([lo])
-  surv = baseline.survival(risk, times)
+  surv = survival_fn(times)
   out["ibs"], why = _safe(metrics.integrated_brier_score, train_duration, train_event,
                           ipcw_duration, ipcw_event, surv, times)
   if why:
     out["notes"]["ibs"] = why
   out["auc"] = {}
   for years, h in zip(horizons_years, horizons):
-    p = survival.event_probability(baseline.survival(risk, [h])[:, 0])
+    p = survival.event_probability(survival_fn(np.array([h]))[:, 0])
     value, why = _safe(metrics.cumulative_dynamic_auc, train_duration, train_event,
                        ipcw_duration, ipcw_event, p, [h])
     key = _horizon_key(years)
@@ -113,7 +120,8 @@ def evaluate_outcome(*, risk: np.ndarray, duration: np.ndarray, event: np.ndarra
 def report_outcomes(outcomes: Sequence[str], risk: Mapping[str, np.ndarray],
                     targets: Mapping[str, tuple], *, horizons_years: Sequence[float],
                     bootstrap_resamples: int = 0, seed: int = 0,
-                    parts: Sequence[str] = ("val", "test")) -> tuple[dict, dict]:
+                    parts: Sequence[str] = ("val", "test"),
+                    survival_fns: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
   """The evaluation report of any run: ``evaluate_outcome`` per part and outcome.
 
   The same report (and so the same ``results.json`` keys) for every model
@@ -129,6 +137,9 @@ def report_outcomes(outcomes: Sequence[str], risk: Mapping[str, np.ndarray],
       outcome_mask [n, outcomes])}`` (``jaxsurv.tasks`` ``targets``).
     horizons_years, bootstrap_resamples, seed: see ``evaluate_outcome``.
     parts: the parts to report.
+    survival_fns: ``{part: survival_fn}`` of a single-outcome model with its
+      own survival curves (``evaluate_outcome``'s ``survival_fn`` over the
+      part's patients); None: Breslow from the training risks.
 
   Returns:
     ``(report, baselines)``: ``{part: {outcome: metrics}}`` (an outcome
@@ -151,8 +162,19 @@ def report_outcomes(outcomes: Sequence[str], risk: Mapping[str, np.ndarray],
       report[name][o] = evaluate_outcome(
           risk=risk[name][m, j], duration=d[m, j], event=e[m, j],
           train_risk=risk["train"][mt, j], train_duration=d_tr[mt, j], train_event=e_tr[mt, j],
-          horizons_years=horizons_years, bootstrap_resamples=bootstrap_resamples, seed=seed)
+          horizons_years=horizons_years, bootstrap_resamples=bootstrap_resamples, seed=seed,
+          survival_fn=_masked(survival_fns, name, m, len(outcomes)))
   return report, baselines
+
+
+def _masked(survival_fns, part: str, mask: np.ndarray, n_outcomes: int):
+  """A part's survival function restricted to the patients of ``mask``."""
+  if survival_fns is None:
+    return None
+  if n_outcomes != 1:
+    raise ValueError("survival_fns is for single-outcome models")
+  fn = survival_fns[part]
+  return lambda t: fn(t)[mask]
 
 
 def survival_columns(prefix: str, baseline: survival.BreslowBaseline, risk: np.ndarray,

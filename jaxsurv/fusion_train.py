@@ -41,7 +41,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import logging
 import pathlib
 from typing import Any, Mapping
@@ -552,7 +552,8 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
       trainer.task.outcomes, {k: d["risk"][:, None] for k, d in parts.items()},
       {k: trainer.task.targets(d) for k, d in parts.items()},
       horizons_years=tuple(ev.get("horizons_years", (2.0, 5.0))),
-      bootstrap_resamples=int(ev.get("bootstrap_resamples", 0)), seed=c.seed)
+      bootstrap_resamples=int(ev.get("bootstrap_resamples", 0)), seed=c.seed,
+      survival_fns=_survival_fns(parts, run.transform, c.loss.name))
   for part, by_outcome in report.items():
     results[part].update(by_outcome)
   del parts["train"]
@@ -568,10 +569,25 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
   return results, run
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _survival_fns(parts: Mapping[str, dict], transform: multimodal.FoldTransform,
+                  loss: str) -> dict | None:
+  """Time-bin models report IBS and AUC from their own step-function survival
+  (``survival.discrete_survival_at``); Cox models from a Breslow baseline."""
+  if loss != "nll":
+    return None
+  return {k: functools.partial(survival.discrete_survival_at, d["pred"]["out"],
+                               transform.time_bins) for k, d in parts.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_changed_config: bool = False) -> dict:
   """Runs one fold of the configured fusion model end to end (see module doc).
 
-  Writes to ``workdir``: ``config.json``, ``splits.json``, ``transform.json``
+  The cohort, fold and model are loaded and checked before ``workdir`` is
+  touched; then ``runs.open_run`` creates the run or accepts it again
+  (refusing another config or cohort unless ``allow_changed_config``).
+
+  Writes to ``workdir``: ``run.json``, ``config.json``, ``splits.json``, ``transform.json``
   (the training-part fit), ``history.csv``, ``predictions.csv``, attention
   CSVs and ``results.json``.
 
@@ -581,14 +597,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Raises:
     ValueError: bad config or data (see ``FusionTrainer``, ``load_cohort``).
+    UserError: from ``runs.open_run`` (a workdir holding another run, config
+      or cohort; foreign files; not writable).
     TrainingError: non-finite loss.
   """
+  from jaxsurv import runs  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  evaluate.write_json_atomic(json.loads(config.to_json_best_effort()), workdir / "config.json")
   cohort = load_cohort(config)
   split = fold_split(cohort, config)
   trainer = FusionTrainer(config, model_modalities(cohort))
+  runs.open_run(workdir, runs.config_to_dict(config), runs.multimodal_cohort_fingerprint(cohort),
+                allow_changed=allow_changed_config)
   log.info("%s on %s, fold %d: train %d, val %d, test %d", config.model_name,
            "+".join(cohort.modalities), config.data.fold, len(split.train), len(split.val),
            len(split.test))

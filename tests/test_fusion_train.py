@@ -310,3 +310,36 @@ def test_checkpointed_fold_resumes_after_a_kill_like_an_uninterrupted_run(tmp_pa
   h_full = pd.read_csv(tmp_path / "full" / "history.csv")
   h_res = pd.read_csv(tmp_path / "resumed" / "history.csv")
   np.testing.assert_allclose(h_res["val_loss"], h_full["val_loss"], rtol=1e-6)
+
+
+def test_report_uses_a_time_bin_models_own_survival_for_ibs():
+  """IBS of the report == scikit-survival's on the step-function survival."""
+  from sksurv.metrics import integrated_brier_score
+  from sksurv.util import Surv
+  from jaxsurv import evaluate, survival
+  rng = np.random.default_rng(0)
+  n = 120
+  d = rng.exponential(1500, (n, 1)) + 1
+  e = (rng.random((n, 1)) < 0.6).astype(int)
+  logits = rng.normal(-1.5, 0.5, (n, 4))
+  bins = survival.TimeBins.fit(d[:, 0], e[:, 0], 4)
+  risk = survival.discrete_risk(logits)[:, None]
+  tr, te = np.arange(80), np.arange(80, n)
+  fns = {"train": lambda t: survival.discrete_survival_at(logits[tr], bins, t),
+         "test": lambda t: survival.discrete_survival_at(logits[te], bins, t)}
+  targets = {"train": (d[tr], e[tr], np.ones((80, 1), bool)),
+             "test": (d[te], e[te], np.ones((40, 1), bool))}
+  rep, _ = evaluate.report_outcomes(("os",), {"train": risk[tr], "test": risk[te]}, targets,
+                                    horizons_years=(2.0,), parts=("test",), survival_fns=fns)
+  t_max = d[tr, 0].max()
+  late = d[te, 0] >= t_max
+  dd, ee = np.where(late, np.nextafter(t_max, 0), d[te, 0]), np.where(late, 0, e[te, 0])
+  lo, hi = np.percentile(d[te, 0], [10, 90])
+  times = np.linspace(lo, min(hi, t_max * 0.999), 50)
+  ref = integrated_brier_score(Surv.from_arrays(e[tr, 0].astype(bool), d[tr, 0]),
+                               Surv.from_arrays(ee.astype(bool), dd),
+                               survival.discrete_survival_at(logits[te], bins, times), times)
+  assert rep["test"]["os"]["ibs"] == pytest.approx(ref, rel=1e-9)
+  breslow, _ = evaluate.report_outcomes(("os",), {"train": risk[tr], "test": risk[te]}, targets,
+                                        horizons_years=(2.0,), parts=("test",))
+  assert breslow["test"]["os"]["ibs"] != pytest.approx(ref, rel=1e-6)

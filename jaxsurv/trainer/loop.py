@@ -412,7 +412,10 @@ class Trainer:
         means = {k: float(v) / steps for k, v in sums.items()}
         bad = {k: v for k, v in means.items() if not math.isfinite(v)}
         if bad:
-          self._check_finite(means.get("loss", math.nan), state, epoch)
+          self._check_finite(means["loss"], state, epoch)
+          raise TrainingError(f"non-finite training measurements {bad} in epoch {epoch} (step "
+                              f"{int(state.step)}); the last good checkpoint (epoch "
+                              f"{epoch - 1}) is kept if the run has a workdir")
         out = self.predict_part(state.params, state.batch_stats, val)
         val_loss = self.task.part_loss(out, val, controller.args())
         if not math.isfinite(val_loss):
