@@ -42,7 +42,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
 
 from jaxsurv import validation
 from jaxsurv.data import bags as bags_lib
@@ -351,8 +350,9 @@ def cv_folds(cohort: MultimodalCohort, n_folds: int = 5, *, seed: int,
   """Patient-level K-fold cross-validation with a validation part per fold.
 
   Fold k's test part is the k-th of ``n_folds`` disjoint, event-stratified
-  parts (``sklearn.model_selection.StratifiedKFold(shuffle=True,
-  random_state=seed)`` over patients sorted by id, strata from
+  parts (:func:`jaxsurv.data.splits.stratified_kfold`, the assignment
+  :func:`jaxsurv.data.splits.kfold_with_holdout` uses too: ``StratifiedKFold(
+  shuffle=True, random_state=seed)`` over patients sorted by id, strata from
   :func:`jaxsurv.data.splits.stratification_labels`); its validation part is
   ``round(val_fraction * n_rest)`` patients carved from the other folds by
   :func:`jaxsurv.data.splits.train_val_test_split` (stratified the same way);
@@ -392,14 +392,9 @@ def cv_folds(cohort: MultimodalCohort, n_folds: int = 5, *, seed: int,
   table = table.iloc[np.argsort(table["patient_id"].to_numpy(), kind="stable")]
   table = table.reset_index(drop=True)
   ids = table["patient_id"].to_numpy()
-  labels = (splits_lib.stratification_labels(table, stratify, n_bins=n_bins,
-                                             min_count=int(n_folds))
-            if stratify else np.zeros(len(ids)))
-  if len(set(labels)) < 2:
-    labels = np.zeros(len(ids))
-  skf = StratifiedKFold(n_splits=int(n_folds), shuffle=True, random_state=seed)
   folds = []
-  for k, (rest, test) in enumerate(skf.split(ids, labels)):
+  for k, (rest, test) in enumerate(splits_lib.stratified_kfold(table, n_folds, stratify,
+                                                               seed=seed, n_bins=n_bins)):
     inner = splits_lib.train_val_test_split(
         table.iloc[rest], fractions=(1.0 - val_fraction, val_fraction, 0.0),
         stratify=stratify, seed=seed, n_bins=n_bins)

@@ -2,7 +2,8 @@
 
 Every split here is made over *patients* (unique ``patient_id``), never over
 rows, slides or images, so no patient can appear in two parts (the HEALNet
-per-slide split of PEERS.md §4.10 lets one patient land in train and test).
+authors' code, konst-int-i/healnet, splits per slide, which lets one patient
+land in train and test).
 Splits depend only on the set of patients, their stratification values and
 the seed: the table is sorted by ``patient_id`` first, so row order does not
 matter.
@@ -218,6 +219,42 @@ def _stratified_holdout(ids: np.ndarray, df: pd.DataFrame, n_out: int, stratify,
   return np.asarray(kept), np.asarray(out)
 
 
+def stratified_kfold(df: pd.DataFrame, n_folds: int, stratify: Sequence[str], *, seed: int,
+                     n_bins: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Stratified K-fold assignment of the rows of ``df``, deterministic from ``seed``.
+
+  Strata are :func:`stratification_labels` with ``min_count=n_folds`` (rare
+  strata merged until each can reach every fold); no ``stratify`` columns, or
+  a single stratum, gives a plain shuffled K-fold. The folds are those of
+  ``sklearn.model_selection.StratifiedKFold(n_splits=n_folds, shuffle=True,
+  random_state=seed)``. They depend on the row order, so callers sort the
+  patients first (:func:`kfold_with_holdout` and
+  ``jaxsurv.data.multimodal.cv_folds`` sort by patient id).
+
+  Args:
+    df: one row per patient ``[n, ...]`` with the ``stratify`` columns.
+    n_folds: number of folds K (2 <= K <= n).
+    stratify: columns, most important first; ``()`` for no stratification.
+    seed: integer seed.
+    n_bins: quantile bins for continuous stratification columns.
+
+  Returns:
+    ``K`` pairs ``(other_rows, fold_rows)`` of int row positions; the
+    ``fold_rows`` are disjoint and cover every row.
+
+  Raises:
+    ValueError: stratify columns absent from ``df`` (see
+      :func:`stratification_labels`).
+  """
+  n = len(df)
+  labels = (stratification_labels(df, stratify, n_bins=n_bins, min_count=int(n_folds))
+            if stratify else np.zeros(n))
+  if len(set(labels)) < 2:
+    labels = np.zeros(n)
+  skf = StratifiedKFold(n_splits=int(n_folds), shuffle=True, random_state=seed)
+  return list(skf.split(np.zeros(n), labels))
+
+
 def _prepare(df: pd.DataFrame, id_column: str, stratify) -> tuple[pd.DataFrame, np.ndarray, list]:
   stratify = [stratify] if isinstance(stratify, str) else list(stratify or ())
   ids = check_patient_ids(df, id_column=id_column)
@@ -285,8 +322,8 @@ def kfold_with_holdout(df: pd.DataFrame, *, n_folds: int = 5, test_fraction: flo
   """Held-out test set plus stratified K-fold CV on the remaining patients.
 
   The test set (``round(n * test_fraction)`` patients) is drawn first and is
-  the same in every fold; the rest is split by
-  ``sklearn.model_selection.StratifiedKFold(shuffle=True, random_state=seed)``.
+  the same in every fold; the rest is split by :func:`stratified_kfold`
+  (``sklearn.model_selection.StratifiedKFold(shuffle=True, random_state=seed)``).
 
   Args:
     df: one row per patient ``[n, ...]``.
@@ -318,15 +355,9 @@ def kfold_with_holdout(df: pd.DataFrame, *, n_folds: int = 5, test_fraction: flo
     raise ValueError(f"{len(rest)} non-test patients cannot form {n_folds} folds")
   rest_df = data.iloc[np.flatnonzero(np.isin(ids, rest))].reset_index(drop=True)
   rest_ids = rest_df[id_column].astype(str).to_numpy()
-  if stratify:
-    labels = stratification_labels(rest_df, stratify, n_bins=n_bins, min_count=n_folds)
-  else:
-    labels = np.zeros(len(rest_ids))
-  if len(set(labels)) < 2:
-    labels = np.zeros(len(rest_ids))
-  skf = StratifiedKFold(n_splits=int(n_folds), shuffle=True, random_state=seed)
   folds = []
-  for k, (tr, va) in enumerate(skf.split(rest_ids, labels)):
+  for k, (tr, va) in enumerate(stratified_kfold(rest_df, n_folds, stratify, seed=seed,
+                                                n_bins=n_bins)):
     meta = {"method": "kfold_with_holdout", "seed": int(seed), "fold": k,
             "n_folds": int(n_folds), "test_fraction": float(test_fraction),
             "stratify": list(stratify), "n_bins": int(n_bins)}

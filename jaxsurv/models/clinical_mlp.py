@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxsurv.models.densenet3d import torch_linear_init
+from jaxsurv.models.common import torch_linear_init
 
 MLP_NORMS = ("batch", "layer", "none")
 

@@ -36,12 +36,13 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+# PyTorch's default ``nn.Linear`` weight init for the head; MONAI zeroes the
+# Linear bias.
+from jaxsurv.models.common import torch_linear_init
+
 # PyTorch ``kaiming_normal_`` defaults (fan_in, gain sqrt(2), untruncated
 # normal), as MONAI's DenseNet applies to every convolution.
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-# PyTorch's default ``nn.Linear`` weight init (kaiming_uniform with a=sqrt(5)),
-# i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); MONAI zeroes the Linear bias.
-torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 NORMS = ("batch", "group")
 

@@ -103,6 +103,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# PyTorch nn.Linear's default weight init, U(+-1/sqrt(fan_in)) (the peer uses
+# PyTorch defaults everywhere); biases start at 0.
+from jaxsurv.models.common import torch_linear_init
 from jaxsurv.models.fusion import (POSITIONS_SUFFIX, _check_n_out,
                                    _tuplify, normalize_modalities,
                                    prepare_inputs)
@@ -111,11 +114,6 @@ EARLY_FUSION_NAME = "early_fusion"
 WEIGHT_SHARING = ("none", "all", "perceiver")
 TABULAR_TOKENS = ("vector", "features")
 BAG_TOKENS = ("tiles", "channels")
-
-# PyTorch nn.Linear's default weight init, U(+-1/sqrt(fan_in)) (the peer uses
-# PyTorch defaults everywhere); biases start at 0.
-torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
-                                                     "uniform")
 
 # Released per-cohort hyperparameters (konst-int-i/healnet v0.1.0,
 # config/best_hyperparams.yml). Shared by all four:

@@ -31,7 +31,8 @@ from flax.core import FrozenDict
 import jax.numpy as jnp
 
 from jaxsurv.models.clinical_mlp import ClinicalMLP
-from jaxsurv.models.densenet3d import DenseNet3D, torch_linear_init
+from jaxsurv.models.common import torch_linear_init
+from jaxsurv.models.densenet3d import DenseNet3D
 
 MODALITIES = ("image", "clinical")
 
