@@ -33,12 +33,13 @@ def main(argv):
   # cli.run keeps the libraries' absl logging at WARNING; jaxsurv's progress shows.
   logging.getLogger("jaxsurv").setLevel(logging.INFO)
   import importlib
+  from jaxsurv.models import registry
   config = cli.config_value(_CONFIG)
-  # config.trainer names the module whose train_and_evaluate runs the job:
-  # "train" (MMNN, the default) or "fusion_train" (HEALNet, CM-MMF, ...).
-  trainer = importlib.import_module(f"jaxsurv.{config.get('trainer', 'train')}")
-  results = trainer.train_and_evaluate(config, _WORKDIR.value,
-                                       allow_changed_config=_ALLOW_CHANGED.value)
+  # config.model.name picks the family; its driver prepares the data around
+  # the shared trainer (jaxsurv.train for MMNN, jaxsurv.fusion_train for the zoo).
+  driver = importlib.import_module(registry.get(config.model.name).driver)
+  results = driver.train_and_evaluate(config, _WORKDIR.value,
+                                      allow_changed_config=_ALLOW_CHANGED.value)
   logging.info("results: %s", {k: v for k, v in results.items() if k in ("val", "test")})
 
 

@@ -103,10 +103,10 @@ def base_config(model: str, modalities: str = "clinical+rna", *, wsi: str = "pam
   """The shared fusion-trainer config (PORPOISE-pipeline training defaults)."""
   tab, with_wsi = parse_modalities(modalities)
   c = ml_collections.ConfigDict()
-  c.trainer = "fusion_train"
   c.seed = 0
-  c.model_name = model
-  c.model = ml_collections.ConfigDict(model_defaults(model, local))
+  # model.name picks the registered model (jaxsurv.models.registry); the other
+  # model fields are its keyword arguments.
+  c.model = ml_collections.ConfigDict(dict(name=model, **model_defaults(model, local)))
 
   c.data = ml_collections.ConfigDict()
   c.data.cohort = "tcga_brca"
@@ -132,6 +132,8 @@ def base_config(model: str, modalities: str = "clinical+rna", *, wsi: str = "pam
       clip_norm=0.0))
   c.batch_size = 32
   c.eval_batch_size = 128
+  c.grad_accum_steps = 1
+  c.drop_remainder = False  # The last batch is padded with masked rows.
   c.num_epochs = 20
   # Model selection and early stopping on the validation part: "val_loss"
   # (the data loss, HEALNet), "val_cindex" (Harrell's C) or "last" (the final
@@ -140,6 +142,8 @@ def base_config(model: str, modalities: str = "clinical+rna", *, wsi: str = "pam
   c.early_stopping = ml_collections.ConfigDict(dict(patience=0, min_epochs=0, min_delta=0.0))
   c.train = ml_collections.ConfigDict(dict(modality_dropout=0.0, input_noise=0.0,
                                            init_output_bias=local))
+  c.eval = ml_collections.ConfigDict(dict(horizons_years=(2.0, 5.0), bootstrap_resamples=200))
+  c.log_every_steps = 0  # Non-finite losses are checked at the end of each epoch.
   c.progress_bar = True
 
   if model in ("healnet", "early_fusion"):

@@ -50,6 +50,7 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict()
   c.data.cohort = a["cohort"]
+  c.data.modalities = tuple(a["modalities"].split("+"))
   c.data.n_patients = a["n_patients"] or ml_collections.config_dict.placeholder(int)
   c.data.cohort_seed = 0  # Seed of the demo-cohort generator.
   c.data.prepare_workers = 2  # Processes preparing (preprocessing) the cohort once.
@@ -73,7 +74,7 @@ def get_config(arg=None):
   ))
 
   c.model = ml_collections.ConfigDict()
-  c.model.modalities = tuple(a["modalities"].split("+"))
+  c.model.name = "mmnn"  # jaxsurv.models.registry
   c.model.image = ml_collections.ConfigDict(dict(
       init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), bn_size=4,
       dropout_rate=0.2, features=12, head_dropout_rate=0.2, norm="batch", remat=False))
@@ -81,7 +82,7 @@ def get_config(arg=None):
       hidden_sizes=(32, 16, 8, 8, 8), features=12, dropout_rate=0.2, norm="batch"))
   c.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters.
 
-  c.loss = ml_collections.ConfigDict(dict(ties="breslow"))
+  c.loss = ml_collections.ConfigDict(dict(name="cox", ties="breslow", l1=0.0))
 
   c.batch_size = 8  # Global batch (all devices); the Cox risk set is this batch.
   # Every batch full: a short last batch would make a small Cox risk set.
@@ -97,7 +98,7 @@ def get_config(arg=None):
       enabled=True, flip_prob=0.5, max_rotation_deg=15.0, zoom_range=(0.9, 1.1)))
 
   c.blend = ml_collections.ConfigDict(dict(
-      enabled=len(c.model.modalities) > 1,
+      enabled=len(c.data.modalities) > 1,
       every_epochs=5,
       # Held-out set V for the blending estimates, carved from the training
       # split (Wang et al. 2020), never the validation split used for selection.
@@ -108,6 +109,7 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict(dict(
       horizons_years=(2.0, 5.0), bootstrap_resamples=200))
   c.log_every_steps = 10  # Non-finite loss check and progress every 10 steps.
+  c.progress_bar = True
   c.selection = "val_loss"  # Unweighted mm-head Cox loss on the whole validation split.
 
   if a["local"]:

@@ -794,7 +794,7 @@ def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
       entries = parse_entries(specs, paper=fv.paper, overrides=overrides)
     if fv["config"].present:
       cfg = apply_overrides(cli.config_value(fv["config"]), overrides)
-      entries.append(Entry(cfg.model_name, modality_label(cfg), cfg))
+      entries.append(Entry(cfg.model.name, modality_label(cfg), cfg))
     if fv["no-coxnet"].value:
       entries = [e for e in entries if e.model != COXNET]
     if not entries:

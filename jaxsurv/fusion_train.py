@@ -65,8 +65,7 @@ from jaxsurv.trainer.step import TrainState
 
 log = logging.getLogger("jaxsurv")
 
-MODEL_NAMES = ("healnet", "cmmmf", "concat", "mean", "bilinear", "porpoise", "early_fusion",
-               "unimodal")
+MODEL_NAMES = registry.names("jaxsurv.fusion_train")
 WSI_KINDS = ("pam50", "noise")
 LOSSES = tasks.LOSSES
 SELECTIONS = loop.SELECTIONS
@@ -140,7 +139,7 @@ def n_outputs(config) -> int:
 
 
 def build_model(config: ml_collections.ConfigDict, modalities) -> nn.Module:
-  """The model ``config.model_name`` with kwargs ``config.model``.
+  """The model ``config.model.name`` with the other ``config.model`` fields as kwargs.
 
   Args:
     config: the run config.
@@ -155,14 +154,15 @@ def build_model(config: ml_collections.ConfigDict, modalities) -> nn.Module:
       ``n_out`` (both derived from the data and the loss), unknown kwargs,
       ``unimodal`` with more than one modality.
   """
-  name = config.model_name
+  name = config.model.get("name")
   if name not in MODEL_NAMES:
-    raise ValueError(f"config.model_name must be one of {MODEL_NAMES}, got {name!r}")
-  kwargs = _plain(config.get("model", {}) or {})
+    raise UserError(f"config.model.name must be one of {MODEL_NAMES}, got {name!r}")
+  kwargs = _plain(config.model)
+  del kwargs["name"]
   for reserved in ("modalities", "n_out", "early_fusion"):
     if reserved in kwargs:
       raise ValueError(f"config.model.{reserved} is derived (from config.data, config.loss and "
-                       f"config.model_name); remove it")
+                       f"config.model.name); remove it")
   kwargs.update(modalities=tuple(modalities), n_out=n_outputs(config))
   cls = {"healnet": healnet_lib.HEALNet, "early_fusion": healnet_lib.HEALNet,
          "cmmmf": fusion_lib.CMMMF, "concat": fusion_lib.ConcatFusion,
@@ -171,7 +171,7 @@ def build_model(config: ml_collections.ConfigDict, modalities) -> nn.Module:
   if name == "early_fusion":
     kwargs["early_fusion"] = True
   if name == "unimodal" and len(modalities) != 1:
-    raise ValueError(f"model_name 'unimodal' needs exactly one modality, got "
+    raise UserError(f"model.name 'unimodal' needs exactly one modality, got "
                      f"{[m for m, _ in modalities]}")
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   unknown = sorted(set(kwargs) - fields)
@@ -364,7 +364,7 @@ class FusionTrainer:
                                     use_bin_weights=bool(lc.bin_weights),
                                     ties=lc.get("ties", "breslow"))
     augment = FusionAugment(rate, noise) if (rate > 0 or noise > 0) else None
-    self.trainer = loop.Trainer(config, self.model, registry.get(config.model_name).adapter,
+    self.trainer = loop.Trainer(config, self.model, registry.get(config.model.name).adapter,
                                 self.task, augment=augment, summarize=summarize)
     self.tx, self.train_step = self.trainer.tx, self.trainer.train_step
     self.repl = self.trainer.repl
@@ -423,7 +423,7 @@ class FusionTrainer:
     fold = split.meta.get("fold")
     transform = multimodal.FoldTransform.fit(cohort, idx["train"], n_bins=c.data.n_bins,
                                              fold=fold)
-    if c.model_name == "unimodal":
+    if c.model.name == "unimodal":
       # A patient without the model's only modality carries no information.
       (m, _), = self.modalities
       keep = cohort.presence[m][idx["train"]]
@@ -440,7 +440,7 @@ class FusionTrainer:
     res = self.trainer.fit(loop.Part(train), loop.Part(val), seed=seed,
                            controller=loop.ConstantArgs(transform.bin_weights),
                            checkpoint_dir=checkpoint_dir, progress=progress,
-                           desc=f"{c.model_name} fold {fold}", init_params=init_params)
+                           desc=f"{c.model.name} fold {fold}", init_params=init_params)
     return FoldRun(params=res.params, transform=transform, idx=idx, best_epoch=res.best_epoch,
                    history=res.history, seconds=res.seconds, resumed_from=res.resumed_from)
 
@@ -535,12 +535,12 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
   c = trainer.config
   ckpt = pathlib.Path(workdir) / "checkpoints" if (checkpoint and workdir is not None) else None
   run = trainer.fit(cohort, split, progress=progress, checkpoint_dir=ckpt)
-  results = {"model_name": c.model_name, "modalities": [m for m, _ in trainer.modalities],
+  results = {"model_name": c.model.name, "modalities": [m for m, _ in trainer.modalities],
              "loss": c.loss.name, "fold": split.meta.get("fold"),
              "best_epoch": run.best_epoch, "epochs_run": len(run.history),
              "n_params": fusion_lib.count_params(run.params), "seconds": run.seconds,
              "n_train": int(len(run.idx["train"])),
-             "missing_modality_behaviour": MISSING_BEHAVIOUR[c.model_name]}
+             "missing_modality_behaviour": MISSING_BEHAVIOUR[c.model.name]}
   parts = {}
   for part in ("train", "val", "test"):
     res, data = trainer.evaluate(run, cohort, part)
@@ -608,7 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   trainer = FusionTrainer(config, model_modalities(cohort))
   runs.open_run(workdir, runs.config_to_dict(config), runs.multimodal_cohort_fingerprint(cohort),
                 allow_changed=allow_changed_config)
-  log.info("%s on %s, fold %d: train %d, val %d, test %d", config.model_name,
+  log.info("%s on %s, fold %d: train %d, val %d, test %d", config.model.name,
            "+".join(cohort.modalities), config.data.fold, len(split.train), len(split.val),
            len(split.test))
   results, _ = run_fold(trainer, cohort, split, workdir, checkpoint=True)

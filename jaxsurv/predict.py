@@ -275,7 +275,7 @@ def load_run(workdir: PathLike) -> TrainedRun:
 
   Raises:
     RunLoadError: a file is missing or unreadable, the run is not an MMNN run
-      (``config.trainer``), the preprocessing settings cannot be rebuilt or
+      (``config.model.name``), the preprocessing settings cannot be rebuilt or
       their fingerprint differs from the current pipeline's (preprocessing
       code changed since training), or the files disagree (outcomes, grid).
     CheckpointMismatchError: the checkpoint's parameter tree (names, shapes,
@@ -287,13 +287,13 @@ def load_run(workdir: PathLike) -> TrainedRun:
     raise RunLoadError(f"{workdir}: run folder not found")
   config_path = workdir / "config.json"
   config = ml_collections.ConfigDict(_read_json(config_path, "training config"))
-  trainer = config.get("trainer", "train")
-  if trainer != "train":
-    raise RunLoadError(f"{config_path}: trainer {trainer!r}; jaxsurv.predict handles MMNN runs "
-                       "of jaxsurv.train (trainer 'train')")
+  name = config.get("model", {}).get("name")
+  if name != "mmnn":
+    raise RunLoadError(f"{config_path}: model {name!r}; load_run handles MMNN runs (fusion "
+                       "runs: jaxsurv.fusion_predict)")
   try:
     outcomes = tuple(str(o) for o in config.data.outcomes)
-    modalities = tuple(str(m) for m in config.model.modalities)
+    modalities = tuple(str(m) for m in config.data.modalities)
     channels = tuple(str(c) for c in config.data.channels)
     mask_col = config.data.mask
     conf_grid = (tuple(int(g) for g in config.data.preprocess.grid)
@@ -786,9 +786,11 @@ def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str],
 def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
   """Defines the command's absl flags on ``fv`` (``jaxsurv.cli.run`` / ``cli.call``)."""
   del argv
-  flags.DEFINE_string("workdir", None, "finished jaxsurv.train run folder", flag_values=fv)
-  flags.DEFINE_string("manifest", None, "CSV of the new patients (no outcomes needed)",
-                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "finished run folder (any model)", flag_values=fv)
+  flags.DEFINE_string("manifest", None, "MMNN runs: CSV of the new patients (no outcomes "
+                      "needed)", flag_values=fv)
+  flags.DEFINE_string("input", None, "fusion runs: folder of label-free modality files "
+                      "(<modality>.csv; see jaxsurv.fusion_predict)", flag_values=fv)
   flags.DEFINE_string("out", None, "output folder (written atomically; outside every run folder)",
                       flag_values=fv)
   flags.DEFINE_boolean("heatmaps", False, "write Grad-CAM heat maps (NIfTI + PNG)",
@@ -809,7 +811,7 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
   flags.DEFINE_boolean("overwrite", False, "replace a non-empty --out folder (never a run)",
                        flag_values=fv)
   flags.DEFINE_boolean("no_progress", False, "no progress bar", flag_values=fv)
-  flags.mark_flags_as_required(["workdir", "manifest", "out"], flag_values=fv)
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
 def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
@@ -822,6 +824,17 @@ def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
     raise app.UsageError(f"unexpected arguments {list(argv[1:])}; every option is a --flag")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   log.setLevel(logging.INFO)
+  from jaxsurv import fusion_predict  # pylint: disable=import-outside-toplevel
+  if fusion_predict.is_fusion_run(fv.workdir):
+    mmnn_only = [f"--{n}" for n in ("manifest", "heatmaps") if fv[n].present]
+    if fv.input is None or mmnn_only:
+      raise UserError(f"{fv.workdir} is a fusion run: give --input=FOLDER (label-free modality "
+                      f"files), not {mmnn_only or '--manifest'}")
+    table = fusion_predict.predict(fv.workdir, fv.input, fv.out)
+    print(f"{len(table)} patients -> {pathlib.Path(fv.out).resolve()}")
+    return 0
+  if fv.manifest is None or fv.input is not None:
+    raise UserError(f"{fv.workdir} is an MMNN run: give --manifest=CSV (not --input)")
   summary = predict(fv.workdir, fv.manifest, fv.out, heatmaps=fv.heatmaps, layer=fv.layer,
                     head=fv.head, step_days=fv.step_days, batch_size=fv.batch_size,
                     overwrite=fv.overwrite, check_images=fv.check_images,

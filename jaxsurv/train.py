@@ -68,13 +68,13 @@ def build_model(config: ml_collections.ConfigDict) -> MMNN:
   if dtype is not None:
     image["dtype"] = dtype
     clinical["dtype"] = dtype
-  return MMNN(n_outcomes=len(config.data.outcomes), modalities=tuple(config.model.modalities),
+  return MMNN(n_outcomes=len(config.data.outcomes), modalities=tuple(config.data.modalities),
               image_kwargs=image, clinical_kwargs=clinical)
 
 
 def head_names(config) -> tuple[str, ...]:
   """``("mm", "image", "clinical")`` for the multimodal model, else ``("mm",)``."""
-  mods = tuple(config.model.modalities)
+  mods = tuple(config.data.modalities)
   return ("mm",) + mods if len(mods) > 1 else ("mm",)
 
 
@@ -102,7 +102,7 @@ class ImageAugment:
 
 def make_augment(config) -> ImageAugment | None:
   aug = config.augment
-  if not aug.enabled or "image" not in config.model.modalities:
+  if not aug.enabled or "image" not in config.data.modalities:
     return None
   return ImageAugment(float(aug.flip_prob), float(aug.max_rotation_deg),
                       tuple(float(z) for z in aug.zoom_range))
@@ -150,9 +150,9 @@ def _check_columns(table: pd.DataFrame, config) -> None:
   if missing:
     raise ValueError(f"config names columns missing from cohort {config.data.cohort!r}: "
                      f"{missing}; available columns: {sorted(map(str, table.columns))}")
-  if ("clinical" in config.model.modalities
+  if ("clinical" in config.data.modalities
       and not (config.data.numeric or config.data.categorical)):
-    raise ValueError("model.modalities includes 'clinical' but config.data.numeric and "
+    raise ValueError("data.modalities includes 'clinical' but config.data.numeric and "
                      "config.data.categorical are empty")
 
 
@@ -173,8 +173,8 @@ def load_cohort(config):
                                     n_patients=config.data.get("n_patients"),
                                     seed=config.data.cohort_seed,
                                     workers=config.data.get("prepare_workers", 1))
-  if "image" in config.model.modalities and prepared.images is None:
-    raise ValueError(f"model.modalities includes 'image' but cohort {cohort!r} has no images")
+  if "image" in config.data.modalities and prepared.images is None:
+    raise ValueError(f"data.modalities includes 'image' but cohort {cohort!r} has no images")
   return prepared
 
 
@@ -334,7 +334,7 @@ def _parts(arrays: CohortArrays, split: splits_lib.Split, config) -> dict[str, l
   """``train``, ``val``, ``test``, ``fit`` and ``heldout`` views of the cohort."""
   full = {"inputs": {"clinical": arrays.clinical}, "presence": {},
           "duration": arrays.duration, "event": arrays.event, "outcome_mask": arrays.outcome_mask}
-  if arrays.image is not None and "image" in config.model.modalities:
+  if arrays.image is not None and "image" in config.data.modalities:
     full["inputs"]["image"] = arrays.image
   index = {pid: i for i, pid in enumerate(arrays.patient_ids)}
   rows = lambda ids: np.array([index[p] for p in ids], np.int64)

@@ -217,7 +217,7 @@ def test_run_missing_tiny(tmp_path, monkeypatch):
 def test_entries_and_overrides():
   entries = cv.parse_entries(["healnet@clinical+rna", "coxnet@rna"],
                              overrides=["num_epochs=3", "optimizer.lr=0.01"])
-  assert entries[0].config.model_name == "healnet" and entries[0].config.num_epochs == 3
+  assert entries[0].config.model.name == "healnet" and entries[0].config.num_epochs == 3
   assert entries[0].config.optimizer.lr == 0.01 and entries[1].config is None
   assert cv.modality_label(entries[0].config) == "clinical+rna"
   with pytest.raises(ValueError, match="model@modalities"):
@@ -231,7 +231,7 @@ def test_entries_and_overrides():
   with pytest.raises(ValueError, match="invalid literal for int"):
     cv.parse_entries(["concat@rna"], overrides=["num_epochs=many"])
   cfg = cv.entry_config("cmmmf", "rna+wsi")
-  assert cv.modality_label(cfg) == "rna+wsi" and cfg.model_name == "cmmmf"
+  assert cv.modality_label(cfg) == "rna+wsi" and cfg.model.name == "cmmmf"
   # Overrides are typed by the field (as --config.x=y): a tuple, a new model kwarg.
   cfg = cv.apply_overrides(cfg, ["data.stratify=('event', 'pam50')", "model.new_kwarg=(1, 2)",
                                  "train.input_noise=0.1"])

@@ -96,3 +96,21 @@ def test_bad_input_and_output_folders_are_refused(healnet_run, tmp_path):
   assert sorted(p.name for p in run_dir.iterdir()) == before
   with pytest.raises(UserError, match="not found"):
     fp.predict(tmp_path / "nope", root / "in_full", tmp_path / "o4")
+
+
+def test_command_lines_write_input_and_predict(healnet_run, capsys):
+  """``python -m jaxsurv.data input RUN`` then ``python -m jaxsurv.predict --input``."""
+  from jaxsurv import predict
+  from jaxsurv.data import __main__ as data_cli
+  root, _, _ = healnet_run
+  run_dir, inp, out = root / "run", root / "cli_in", root / "cli_out"
+  assert data_cli.main(["input", str(run_dir), f"--out={inp}", "--part=test",
+                        "--drop-modalities=omic:0.5", "--seed=3"]) == 0
+  assert "patients of part 'test'" in capsys.readouterr().out
+  assert predict.main([f"--workdir={run_dir}", f"--input={inp}", f"--out={out}"]) == 0
+  pred = pd.read_csv(out / "predictions.csv")
+  written = pd.read_csv(inp / "omic.csv")
+  assert set(pred.loc[pred.present_omic == 1, "patient_id"]) == set(written.patient_id)
+  # A fusion run given an MMNN manifest: one clear line, exit 2.
+  assert predict.main([f"--workdir={run_dir}", "--manifest=x.csv", f"--out={root / 'o9'}"]) == 2
+  assert "is a fusion run: give --input=FOLDER" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def tiny_config(name="concat", modalities="clinical+omic", **overrides):
   c = fusion_configs.base_config(name, "clinical+rna", local=True)
   mods = modalities.split("+")
   c.data.modalities = tuple(m for m in mods if m != "wsi")
-  c.model = TINY[name]
+  c.model = dict(TINY[name], name=name)
   c.num_epochs = 3
   c.batch_size = 16
   c.eval_batch_size = 32
@@ -233,12 +233,12 @@ def test_marginal_hazard_logits_by_hand():
 
 def test_bad_configs_and_absent_modality_raise(concat_trainer):
   _, cohort = concat_trainer
-  with pytest.raises(ValueError, match="model_name"):
-    ft.build_model(tiny_config("concat", model_name="nope"), ft.model_modalities(cohort))
+  with pytest.raises(ValueError, match="model.name"):
+    ft.build_model(tiny_config("concat", **{"model.name": "nope"}), ft.model_modalities(cohort))
   with pytest.raises(ValueError, match="derived"):
     ft.build_model(tiny_config("concat", **{"model.n_out": 2}), ft.model_modalities(cohort))
   with pytest.raises(ValueError, match="unimodal.*exactly one"):
-    ft.build_model(tiny_config("concat", model_name="unimodal", model={}),
+    ft.build_model(tiny_config("concat", model={"name": "unimodal"}),
                    ft.model_modalities(cohort))
   with pytest.raises(ValueError, match="selection"):
     trainer = ft.FusionTrainer(tiny_config("concat", selection="test_cindex"),
@@ -257,10 +257,10 @@ def test_bad_configs_and_absent_modality_raise(concat_trainer):
 def test_configs_build_and_document_paper_settings():
   from configs import cmmmf, healnet, porpoise
   h = healnet.get_config()
-  assert h.trainer == "fusion_train" and h.model_name == "healnet"
+  assert h.model.name == "healnet" and "trainer" not in h
   assert h.model.num_latents == 17 and h.model.latent_dim == 126 and h.loss.l1 == 6.8e-6
   assert h.loss.alpha == 0.4 and h.loss.bin_weights and h.optimizer.schedule == "onecycle"
-  assert healnet.get_config("early_fusion").model_name == "early_fusion"
+  assert healnet.get_config("early_fusion").model.name == "early_fusion"
   c = cmmmf.get_config("modalities=rna+wsi")
   assert c.data.modalities == ("rna",) and c.data.wsi == "pam50" and c.model.embed_dim == 128
   p = porpoise.get_config("local,fusion=concat")

@@ -232,7 +232,7 @@ def test_checkpoint_from_another_model_or_a_broken_run(trained, tmp_path):
                      match=r"does not hold the model(.|\n)*image_encoder/block1_layer1"):
     predict.load_run(other)
   other = copy("image_only")
-  _edit_json(other / "config.json", lambda d: d["model"].update(modalities=["image"]))
+  _edit_json(other / "config.json", lambda d: d["data"].update(modalities=["image"]))
   with pytest.raises(predict.CheckpointMismatchError, match="not in the model: params/clinical"):
     predict.load_run(other)
   other = copy("one_channel")
@@ -241,8 +241,8 @@ def test_checkpoint_from_another_model_or_a_broken_run(trained, tmp_path):
                      match=r"conv0/kernel: model \(3, 3, 3, 1, 4\)"):
     predict.load_run(other)
   other = copy("fusion")
-  _edit_json(other / "config.json", lambda d: d.update(trainer="fusion_train"))
-  with pytest.raises(predict.RunLoadError, match="trainer 'fusion_train'"):
+  _edit_json(other / "config.json", lambda d: d["model"].update(name="healnet"))
+  with pytest.raises(predict.RunLoadError, match="model 'healnet'; load_run handles MMNN runs"):
     predict.load_run(other)
   other = copy("fingerprint")
   _edit_json(other / "preprocess.json", lambda d: d.update(fingerprint="0123456789abcdef"))

@@ -59,7 +59,7 @@ from absl import app, flags
 from jaxsurv import cli
 from jaxsurv.errors import UserError
 
-COMMANDS = ("list", "prepare", "manifest")
+COMMANDS = ("list", "prepare", "manifest", "input")
 _PREPROCESS_FLAGS = ("grid", "spacing_mm", "fov_mm", "margin_mm", "n4", "mask_to_periphery",
                      "periphery_mm")
 # The flags each command takes (absl flags are one namespace; the others are refused).
@@ -69,6 +69,7 @@ _COMMAND_FLAGS = {
                 "mask-to-periphery", "periphery-mm", "data-dir", "workers", "missing-images",
                 "force", "no-progress"),
     "manifest": ("out", "n-patients", "seed", "splits", "part", "drop-outcomes", "no-progress"),
+    "input": ("out", "seed", "part", "drop-modalities"),
 }
 
 
@@ -106,6 +107,8 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
                     "manifest: part of --splits to keep", **f)
   flags.DEFINE_boolean("drop-outcomes", False, "manifest: drop outcome, oracle, latent and "
                        "render columns (label-free manifest)", **f)
+  flags.DEFINE_list("drop-modalities", None, "input: MODALITY:P,... remove each modality per "
+                    "patient with probability P (never all of a patient's)", **f)
 
 
 def _value(fv: flags.FlagValues, name: str):
@@ -270,8 +273,34 @@ def _cmd_manifest(name: str, fv: flags.FlagValues) -> int:
   return 0
 
 
+def _cmd_input(run_dir: str, fv: flags.FlagValues) -> int:
+  """Writes a fusion run's ``--part`` patients as label-free input for predict.
+
+  Raises:
+    UserError: no ``--out``, a malformed ``--drop-modalities``, or see
+      ``jaxsurv.fusion_predict.write_label_free_input``.
+  """
+  from jaxsurv import fusion_predict  # pylint: disable=import-outside-toplevel
+  out = _path(fv, "out")
+  if out is None:
+    raise UserError("input: --out FOLDER is required")
+  drop = {}
+  for item in _value(fv, "drop-modalities") or []:
+    name, _, prob = item.partition(":")
+    try:
+      drop[name] = float(prob)
+    except ValueError:
+      raise UserError(f"--drop-modalities: expected MODALITY:P, got {item!r}") from None
+  table = fusion_predict.write_label_free_input(run_dir, out, part=fv.part, drop=drop,
+                                                seed=fv.seed)
+  counts = {c[len("present_"):]: int(table[c].sum()) for c in table.columns
+            if c.startswith("present_")}
+  print(f"wrote {out}: {len(table)} patients of part {fv.part!r}, present per modality {counts}")
+  return 0
+
+
 def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
-  """Runs ``list``, ``prepare NAME`` or ``manifest NAME`` on parsed flags.
+  """Runs ``list``, ``prepare NAME``, ``manifest NAME`` or ``input RUN`` on parsed flags.
 
   Raises:
     absl.app.UsageError: no or an unknown command, a missing or extra NAME,
@@ -295,6 +324,8 @@ def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
     return _cmd_list(fv)
   if command == "manifest":
     return _cmd_manifest(names[0], fv)
+  if command == "input":
+    return _cmd_input(names[0], fv)
   return _cmd_prepare(names[0], fv)
 
 

@@ -27,7 +27,13 @@ from jaxsurv.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class MMNNAdapter:
-  """``MMNN.__call__(image, clinical, *, train)`` under the common contract."""
+  """``MMNN.__call__(image, clinical, *, train)`` under the common contract.
+
+  ``n_input_keys``: the RNG streams of the family's training-time input
+  transforms (MMNN: one, the image augmentation), split from each step's key
+  before the dropout key.
+  """
+  n_input_keys: int = 1
 
   def apply(self, model, variables, inputs, presence, *, train, rngs=None, mutable=False):
     del presence
@@ -42,7 +48,9 @@ class MMNNAdapter:
 @dataclasses.dataclass(frozen=True)
 class FusionAdapter:
   """``Model.__call__(inputs, presence, *, train) -> (out, aux)`` (fusion zoo),
-  with ``out`` returned as ``{"out": out}``."""
+  with ``out`` returned as ``{"out": out}``; two input RNG streams (modality
+  dropout, input noise)."""
+  n_input_keys: int = 2
 
   def apply(self, model, variables, inputs, presence, *, train, rngs=None, mutable=False):
     res = model.apply(variables, inputs, presence, train=train, rngs=rngs, mutable=mutable)
@@ -62,13 +70,14 @@ class Entry:
 
   Attributes:
     name: ``config.model.name``.
-    family: the run driver that prepares its data (``"mmnn"`` or
-      ``"fusion"``).
+    driver: the module whose ``train_and_evaluate(config, workdir)``
+      prepares the family's data and reports around the shared trainer
+      (``launch.py`` runs it).
     adapter: its call contract.
     module: the module's import path and class, for docs and errors.
   """
   name: str
-  family: str
+  driver: str
   adapter: object
   module: str
 
@@ -95,14 +104,15 @@ def get(name: str) -> Entry:
   return _REGISTRY[name]
 
 
-def names() -> tuple[str, ...]:
-  return tuple(sorted(_REGISTRY))
+def names(driver: str | None = None) -> tuple[str, ...]:
+  """Registered names (in registration order), optionally of one driver."""
+  return tuple(n for n, e in _REGISTRY.items() if driver is None or e.driver == driver)
 
 
-register(Entry("mmnn", "mmnn", MMNNAdapter(), "jaxsurv.models.mmnn.MMNN"))
+register(Entry("mmnn", "jaxsurv.train", MMNNAdapter(), "jaxsurv.models.mmnn.MMNN"))
 for _name, _cls in (("healnet", "healnet.HEALNet"), ("early_fusion", "healnet.HEALNet"),
                     ("cmmmf", "fusion.CMMMF"), ("concat", "fusion.ConcatFusion"),
                     ("mean", "fusion.MeanFusion"), ("bilinear", "fusion.BilinearFusion"),
                     ("porpoise", "fusion.PorpoiseGatedLateFusion"),
                     ("unimodal", "fusion.Unimodal")):
-  register(Entry(_name, "fusion", FusionAdapter(), f"jaxsurv.models.{_cls}"))
+  register(Entry(_name, "jaxsurv.fusion_train", FusionAdapter(), f"jaxsurv.models.{_cls}"))

@@ -54,8 +54,8 @@ def train_step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array, lr: 
     batch: ``inputs {modality: [batch, ...]}``, ``presence {modality: bool
       [batch]}``, ``mask [batch]`` (False = padding row) and the task's
       targets (e.g. ``duration`` in days, ``event``).
-    rng: a key; folded with ``state.step``, then split into two keys for
-      ``augment`` and one for dropout.
+    rng: a key; folded with ``state.step``, then split into
+      ``call.n_input_keys`` keys for ``augment`` and one for dropout.
     lr: scalar learning rate of this step (host schedule).
     task_args: the task's array argument (blend weights ``[heads]``, time-bin
       weights ``[n_bins]``).
@@ -73,10 +73,11 @@ def train_step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array, lr: 
     ``l1``, ``grad_norm`` and the task's own measurements.
   """
   rng = jax.random.fold_in(rng, state.step)
-  r_a, r_b, r_dropout = jax.random.split(rng, 3)
+  keys = jax.random.split(rng, call.n_input_keys + 1)
+  r_dropout = keys[-1]
   inputs, presence = batch["inputs"], batch["presence"]
   if augment is not None:
-    inputs, presence = augment((r_a, r_b), inputs, presence)
+    inputs, presence = augment(keys[:-1], inputs, presence)
 
   def loss_fn(params):
     (outputs, _), updates = call.apply(model, variables(params, state.batch_stats), inputs,
