@@ -16,7 +16,16 @@ Conventions:
 When called eagerly on concrete arrays, the losses validate their input on the
 host (NaN or negative durations, events outside {0, 1}, mismatched shapes raise
 ValueError naming the argument and rows). Inside ``jit`` they stay pure and do
-no checks.
+no checks, unless ``cox_ph_loss(..., check=True)`` / ``checked_cox_ph_loss``
+is used: those check on the device with ``jax.experimental.checkify``.
+
+Duration precision: the Cox partial likelihood depends on the durations only
+through their order and ties. Host durations (numpy, lists, pandas) are
+replaced by their exact dense ranks (:func:`duration_ranks`) before anything
+is cast, so the tie groups are those of float64 ranking, as in
+``jaxsurv.metrics.concordance_index``. Durations that are already
+``jax.Array``s or tracers are compared in their own dtype (float32 unless x64
+is enabled); see :func:`cox_ph_loss`.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import functools
 from typing import Optional
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,24 +69,128 @@ def _gather_batch(x: Array) -> Array:
   return x
 
 
+def _host_mask(mask, shape, duration_name: str = "duration") -> np.ndarray | None:
+  """Broadcasts a concrete ``[batch]`` or full-shape mask to ``shape`` (bool)."""
+  if mask is None:
+    return None
+  m = np.asarray(mask).astype(bool)
+  if m.shape != tuple(shape) and m.shape != tuple(shape[:1]):
+    raise ValueError(f"mask: shape {m.shape} matches neither {duration_name} {tuple(shape)} "
+                     f"nor its batch dimension {tuple(shape[:1])}")
+  return np.broadcast_to(m.reshape(m.shape + (1,) * (len(shape) - m.ndim)), shape)
+
+
 def _validate_host(risk, duration, event, mask, names):
   """Host-side checks for eager calls; masked (padding) rows are not checked."""
-  m = None if mask is None else np.asarray(mask).astype(bool)
   d = np.asarray(duration, dtype=np.float64)
   e = np.asarray(event)
   r = np.asarray(risk, dtype=np.float64)
   shapes = {names[0]: r.shape, names[1]: d.shape, names[2]: e.shape}
   if len({tuple(s) for s in shapes.values()}) > 1:
     raise ValueError("mismatched shapes: " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+  m = _host_mask(mask, d.shape, names[1])
   if m is not None:
-    if m.shape != d.shape and m.shape != d.shape[:1]:
-      raise ValueError(f"mask: shape {m.shape} matches neither {names[1]} {d.shape} "
-                       f"nor its batch dimension {d.shape[:1]}")
-    m = np.broadcast_to(m.reshape(m.shape + (1,) * (d.ndim - m.ndim)), d.shape)
     d, e, r = np.where(m, d, 0.0), np.where(m, e, 0), np.where(m, r, 0.0)
   validation.check_duration(d, names[1])
   validation.check_event(e, names[2])
   validation.as_float_array(r, names[0])
+
+
+def _dense_ranks(values: np.ndarray) -> np.ndarray:
+  """Dense ranks (0, 1, ... in increasing order, equal values share one) as int32.
+
+  Ranks in the array's own precision: integers exactly, floats in their dtype
+  (float64 for python floats), anything else converted to float64 first.
+  NaNs share the largest rank (``np.unique`` collapses them); only masked
+  rows may hold them. Ranks are taken over all entries, so in a ``[batch,
+  outcomes]`` array each column keeps its order and ties.
+  """
+  a = np.asarray(values)
+  if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+    a = a.astype(np.float64)
+  uniq, inverse = np.unique(a.reshape(-1), return_inverse=True)
+  if uniq.size > np.iinfo(np.int32).max:
+    raise ValueError(f"duration: {uniq.size} distinct values do not fit int32 ranks")
+  return inverse.reshape(a.shape).astype(np.int32)
+
+
+def duration_ranks(duration) -> np.ndarray:
+  """Exact dense ranks of host durations, for passing to ``cox_ph_loss`` under ``jit``.
+
+  The Cox partial likelihood depends on the durations only through their
+  order and their ties (Cox 1972; the risk set of time t is {j : T_j >= t}),
+  so replacing the durations by any strictly increasing function of them,
+  such as these ranks, leaves the loss and its gradient unchanged. Computing
+  the ranks on the host in float64 (or exactly, for integer days) keeps
+  durations that are closer than one float32 step apart (about 0.001 at
+  12,345 days) distinct, where a float32 duration array would tie them.
+  Rank a whole cohort once and slice batches from the result: a subset of
+  ranks keeps the order and ties of the subset's durations.
+
+  Args:
+    duration: ``[n]`` or ``[n, outcomes]`` host array-like (numpy, list,
+      pandas) of times to event or censoring, any unit, finite and >= 0.
+
+  Returns:
+    int32 numpy array of the same shape: 0 for the smallest duration, equal
+    durations share a rank, consecutive distinct durations get consecutive
+    ranks. Ranks are taken over all entries, so every column of a 2-D array
+    keeps its order and ties.
+
+  Raises:
+    TypeError: ``duration`` is a JAX tracer (rank on the host, outside
+      ``jit``).
+    ValueError: NaN, infinite or negative durations (naming the rows), or
+      more than 2^31 - 1 distinct values.
+  """
+  if isinstance(duration, jax.core.Tracer):
+    raise TypeError("duration_ranks needs concrete durations: compute the ranks on the host, "
+                    "outside jit, and pass them into the jitted function")
+  a = np.asarray(duration)
+  validation.check_duration(a, "duration")
+  return _dense_ranks(a)
+
+
+def _host_invalid_durations(d: np.ndarray) -> np.ndarray:
+  """Bool mask of NaN, infinite or negative host durations (for ``check=True``)."""
+  if np.issubdtype(d.dtype, np.integer):
+    return d < 0
+  try:
+    f = np.asarray(d, dtype=np.float64)
+  except (TypeError, ValueError):
+    return np.ones(d.shape, bool)
+  with np.errstate(invalid="ignore"):
+    return ~np.isfinite(f) | (f < 0)
+
+
+def _device_checks(risk: Array, duration: Array, event: Array, mask: Array,
+                   bad_duration: Optional[np.ndarray]) -> None:
+  """``checkify.check`` of every unmasked entry (see ``cox_ph_loss(check=True)``)."""
+  def first(bad, what):
+    flat = bad.reshape(-1)
+    idx = jnp.argmax(flat)
+    count = jnp.sum(flat)
+    if bad.ndim == 2:
+      checkify.check(~jnp.any(flat), f"cox_ph_loss: {what} at row {{}} (outcome {{}}); "
+                     "{} entries in all", idx // bad.shape[1], idx % bad.shape[1], count)
+    else:
+      checkify.check(~jnp.any(flat), f"cox_ph_loss: {what} at row {{}}; {{}} rows in all",
+                     idx, count)
+
+  if bad_duration is not None:  # Host durations, replaced by ranks: flags from the host.
+    bad_d = jnp.asarray(bad_duration)
+  elif jnp.issubdtype(duration.dtype, jnp.floating):
+    bad_d = ~jnp.isfinite(duration) | (duration < 0)
+  elif jnp.issubdtype(duration.dtype, jnp.signedinteger):
+    bad_d = duration < 0
+  else:
+    bad_d = jnp.zeros(duration.shape, bool)
+  first(bad_d & mask, "duration: NaN, infinite or negative value")
+  if event.dtype != jnp.bool_:
+    # Doubled braces: the message is a str.format template.
+    first(((event != 0) & (event != 1)) & mask, "event: value outside {{0, 1}}")
+  if jnp.issubdtype(risk.dtype, jnp.inexact):
+    first(~jnp.isfinite(risk) & mask, "risk: NaN or infinite value")
 
 
 def _cox_nll_1d(risk: Array, duration: Array, event: Array, mask: Array,
@@ -90,9 +204,17 @@ def _cox_nll_1d(risk: Array, duration: Array, event: Array, mask: Array,
   dtype = jnp.result_type(risk.dtype, jnp.float32)
   risk = jnp.where(mask, risk.astype(dtype), 0.0)  # Padding may hold NaN.
   ev = jnp.logical_and(event.astype(bool), mask)
-  # Padding sorts first with key -inf, so it never enters a real risk set.
-  key = jnp.where(mask, duration.astype(dtype), -jnp.inf)
-  # One sort on a single float key carries eta and the events along (no
+  # Padding sorts first (key -inf, or the integer minimum for integer keys,
+  # e.g. the ranks of duration_ranks), so it never enters a real risk set.
+  # Durations are compared in their own dtype (at least float32), never in
+  # the dtype of the risk scores.
+  if jnp.issubdtype(duration.dtype, jnp.signedinteger):
+    key = jnp.where(mask, duration, jnp.array(jnp.iinfo(duration.dtype).min, duration.dtype))
+  else:
+    kdtype = (jnp.promote_types(duration.dtype, jnp.float32)
+              if jnp.issubdtype(duration.dtype, jnp.floating) else dtype)
+    key = jnp.where(mask, duration.astype(kdtype), -jnp.inf)
+  # One sort on a single key carries eta and the events along (no
   # gathers); the order inside a tie group does not matter below.
   t, eta, d = jax.lax.sort((key, risk, ev.astype(dtype)), num_keys=1)
   d = d > 0
@@ -133,26 +255,67 @@ def _cox_nll_1d(risk: Array, duration: Array, event: Array, mask: Array,
 
 
 def cox_ph_loss(risk, duration, event, *, ties: str = "breslow",
-                mask=None, reduction: str = "mean") -> Array:
+                mask=None, reduction: str = "mean", check: bool = False) -> Array:
   """Negative log Cox partial likelihood with exact Breslow or Efron ties.
 
-  Breslow (Breslow 1974; PERF.md §2.1), with distinct event times xi_k, the
-  events H_k at xi_k (m_k of them) and the risk set R(t) = {j : T_j >= t}:
+  Breslow (Breslow 1974, Biometrics 30:89-99; Cox 1972, J. R. Stat. Soc. B
+  34:187-220), with distinct event times xi_k, the events H_k at xi_k (m_k of
+  them) and the risk set R(t) = {j : T_j >= t}:
 
     -l = -sum_k [ sum_{i in H_k} eta_i - m_k log sum_{j in R(xi_k)} exp(eta_j) ]
 
-  Efron (Efron 1977) replaces the m_k identical log terms by
+  Efron (Efron 1977, JASA 72:557-565) replaces the m_k identical log terms by
   ``sum_{r=0}^{m_k-1} log(sum_{R(xi_k)} exp(eta) - r/m_k sum_{H_k} exp(eta))``.
 
   Cost O(n log n) per outcome (one sort, a reverse log-cumsum-exp and
   segment sums). Finite loss and gradient for risk scores up to +-1e4 in
   float32. A batch (or outcome) with no events gives 0 and a zero gradient.
 
+  **Tie groups and duration precision.** The loss depends on the durations
+  only through their order and ties, and two durations are tied iff they
+  compare equal:
+
+  * host durations (numpy arrays, lists, pandas; also when closed over as
+    constants inside ``jit``) are first replaced by their exact dense ranks
+    (``duration_ranks``, int32), so the tie groups are those of float64
+    ranking (exact for integer days), the same as
+    ``jaxsurv.metrics.concordance_index``; this is exact, not an
+    approximation;
+  * durations that are already ``jax.Array``s, or traced (passed as ``jit``
+    / ``vmap`` arguments), are compared in their own dtype. In JAX's default
+    float32 mode that means float32 resolution: durations that round to the
+    same float32 fall into one tie group. The float32 spacing at t is
+    2^(floor(log2 t) - 23), e.g. 2^-10 ~= 0.001 day for t in [8192, 16384)
+    days, so 12345.0 and 12345.0004 days tie and the loss differs from the
+    float64 one. To avoid it, compute ``r = duration_ranks(durations)`` once
+    on the host (e.g. for the whole cohort; any subset keeps its order) and
+    pass ``r`` in place of the durations, or enable x64 and pass float64
+    durations. Integer durations (e.g. whole days, or the ranks) are compared
+    exactly.
+
+  **Checks.** Eager calls on concrete inputs are validated on the host and
+  raise ``ValueError``; host durations are also checked on the host under
+  ``jit`` when the mask is concrete (they are known at trace time). With
+  ``check=True`` the unmasked entries are also checked on the device with
+  ``jax.experimental.checkify``, which works under ``jit``: NaN, infinite or
+  negative durations, events outside {0, 1} and NaN or infinite risks. The
+  call must then be functionalised by ``checkify.checkify``, e.g.::
+
+    f = jax.jit(checkify.checkify(
+        lambda r, d, e: cox_ph_loss(r, d, e, check=True)))
+    err, loss = f(risk, duration, event)
+    err.throw()  # JaxRuntimeError naming the argument and the first row
+
+  or simply ``err, loss = jax.jit(checked_cox_ph_loss)(risk, duration,
+  event)``. Staging ``check=True`` under ``jit`` without ``checkify``
+  raises ``ValueError`` ("Cannot abstractly evaluate a checkify.check which
+  was not functionalized"). ``check=False`` (default) adds no work.
+
   Args:
     risk: ``[batch]`` or ``[batch, outcomes]`` log-hazard (higher = earlier
       event).
-    duration: same shape as ``risk``; time to event or censoring (e.g. days),
-      >= 0.
+    duration: same shape as ``risk``; time to event or censoring (any unit,
+      e.g. days), >= 0; or its ranks from ``duration_ranks``.
     event: same shape; 1 = event, 0 = censored.
     ties: ``"breslow"`` or ``"efron"``.
     mask: optional ``[batch]`` or same shape as ``risk``; 1 = real row, 0 =
@@ -160,14 +323,18 @@ def cox_ph_loss(risk, duration, event, *, ties: str = "breslow",
       mask drops a patient from one outcome only (e.g. a missing endpoint).
     reduction: ``"mean"`` divides by the number of (unmasked) events;
       ``"sum"`` returns the negative log partial likelihood itself.
+    check: add ``checkify`` checks of the inputs (see above).
 
   Returns:
     A scalar for 1-D inputs, else ``[outcomes]``: one loss per outcome.
 
   Raises:
     ValueError: for an unknown ``ties``/``reduction``, wrong ranks, or (eager
-      calls only) NaN/negative durations, events outside {0, 1}, NaN risks or
-      mismatched shapes, naming the argument and rows.
+      calls, and host durations under ``jit``) NaN/negative durations, events
+      outside {0, 1}, NaN risks or mismatched shapes, naming the argument and
+      rows.
+    jax.experimental.checkify.JaxRuntimeError: ``check=True`` only, from
+      ``err.throw()`` (or at once in an eager call outside ``checkify``).
 
   Example:
     >>> cox_ph_loss(jnp.array([0.5, -0.3, 1.2]), jnp.array([1., 1., 2.]),
@@ -177,20 +344,38 @@ def cox_ph_loss(risk, duration, event, *, ties: str = "breslow",
     raise ValueError(f"ties must be 'breslow' or 'efron', got {ties!r}")
   if reduction not in ("mean", "sum"):
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-  risk, duration, event = jnp.asarray(risk), jnp.asarray(duration), jnp.asarray(event)
+  # Host durations are ranked before anything casts them (e.g. to float32).
+  host_duration = None if isinstance(duration, jax.Array) else np.asarray(duration)
+  risk, event = jnp.asarray(risk), jnp.asarray(event)
   if risk.ndim not in (1, 2):
     raise ValueError(f"risk must be [batch] or [batch, outcomes], got shape {risk.shape}")
-  if _is_concrete(risk, duration, event, mask):
-    _validate_host(risk, duration, event, mask, ("risk", "duration", "event"))
-  elif risk.shape != duration.shape or risk.shape != event.shape:
-    raise ValueError(f"mismatched shapes: risk {risk.shape}, duration {duration.shape}, "
-                     f"event {event.shape}")
+  if host_duration is not None:
+    if _is_concrete(risk, event, mask):
+      _validate_host(risk, host_duration, event, mask, ("risk", "duration", "event"))
+    elif risk.shape != host_duration.shape or risk.shape != event.shape:
+      raise ValueError(f"mismatched shapes: risk {risk.shape}, duration {host_duration.shape}, "
+                       f"event {event.shape}")
+    elif not isinstance(mask, jax.core.Tracer):
+      m = _host_mask(mask, host_duration.shape)
+      validation.check_duration(host_duration if m is None else np.where(m, host_duration, 0),
+                                "duration")
+    bad_duration = _host_invalid_durations(host_duration) if check else None
+    duration = jnp.asarray(_dense_ranks(host_duration))
+  else:
+    bad_duration = None
+    if _is_concrete(risk, duration, event, mask):
+      _validate_host(risk, duration, event, mask, ("risk", "duration", "event"))
+    elif risk.shape != duration.shape or risk.shape != event.shape:
+      raise ValueError(f"mismatched shapes: risk {risk.shape}, duration {duration.shape}, "
+                       f"event {event.shape}")
   if mask is None:
     mask = jnp.ones(risk.shape, bool)
   else:
     mask = jnp.asarray(mask).astype(bool)
     if mask.ndim < risk.ndim:
       mask = jnp.broadcast_to(mask[:, None], risk.shape)
+  if check:
+    _device_checks(risk, duration, event, mask, bad_duration)
   risk, duration, event, mask = map(_gather_batch, (risk, duration, event, mask))
   fn = functools.partial(_cox_nll_1d, efron=(ties == "efron"))
   if risk.ndim == 2:
@@ -201,12 +386,43 @@ def cox_ph_loss(risk, duration, event, *, ties: str = "breslow",
   return total / jnp.maximum(n_events, 1.0)
 
 
+def checked_cox_ph_loss(risk, duration, event, *, ties: str = "breslow", mask=None,
+                        reduction: str = "mean") -> tuple[checkify.Error, Array]:
+  """``cox_ph_loss(..., check=True)`` functionalised by ``checkify``: ``(err, loss)``.
+
+  Works eagerly and under ``jit`` (``ties`` and ``reduction`` are static),
+  e.g. ``err, loss = jax.jit(checked_cox_ph_loss, static_argnames=("ties",
+  "reduction"))(risk, duration, event)`` then ``err.throw()``, which raises
+  ``JaxRuntimeError`` naming the argument and the first bad row if any
+  unmasked entry has a NaN, infinite or negative duration, an event outside
+  {0, 1}, or a NaN or infinite risk (``err.get()`` returns the message or
+  None). Checking costs a few elementwise reductions.
+
+  Args / shapes: as :func:`cox_ph_loss`.
+
+  Returns:
+    ``(err, loss)``: a ``jax.experimental.checkify.Error`` and the loss
+    (scalar, or ``[outcomes]``).
+
+  Raises:
+    ValueError: as :func:`cox_ph_loss` for bad arguments, and for invalid
+      concrete inputs in an eager call (validated on the host first).
+  """
+  # Closed over, not passed: host durations must stay host arrays to be
+  # ranked exactly (checkify would turn arguments into tracers).
+  return checkify.checkify(lambda: cox_ph_loss(risk, duration, event, ties=ties, mask=mask,
+                                               reduction=reduction, check=True))()
+
+
 def discrete_time_nll(logits, bin_index, event, *, alpha: float = 0.0,
                       bin_weights=None, mask=None) -> Array:
   """Discrete-time (logistic hazard) negative log-likelihood, mean over patients.
 
   With hazard h_k = sigmoid(logit_k) in bin k and y_i the patient's bin
-  (Zadeh & Schmid 2020; PORPOISE/MCAT/HEALNet ``nll_loss``; PERF.md §2.4):
+  (Zadeh & Schmid, "Bias in cross-entropy-based training of deep survival
+  networks", IEEE TPAMI 2021; ``nll_loss`` of
+  github.com/mahmoodlab/PORPOISE and mahmoodlab/MCAT ``utils/utils.py``,
+  and of konst-int-i/healnet ``healnet/models/survival_loss.py``):
 
     uncensored_i = -e_i [log h_{i,y_i} + sum_{l<y_i} log(1 - h_il)]
     censored_i   = -(1 - e_i) sum_{l<=y_i} log(1 - h_il)

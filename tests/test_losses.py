@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 from jax.test_util import check_grads
 
-from jaxsurv.losses import cox_ph_loss, discrete_time_nll
+from jaxsurv.losses import checked_cox_ph_loss, cox_ph_loss, discrete_time_nll, duration_ranks
 
 from conftest import REPO
 
@@ -47,7 +48,9 @@ def tied_data(rng, n, n_times=8, event_rate=0.6):
 
 
 def test_hand_case_breslow():
-  # The PERF.md case where torchsurv drops the tied censored subject (1.7014).
+  # Leaving out the censored subject tied at t=1 (as torchsurv 0.2.0's tie path
+  # in github.com/Novartis/torchsurv src/torchsurv/loss/cox.py does) would give
+  # 0.3 + log(e^-0.3 + e^1.2) = 1.7014 instead of the exact 2.0422.
   risk = jnp.array([0.5, -0.3, 1.2])
   duration = jnp.array([1.0, 1.0, 2.0])
   event = jnp.array([0, 1, 1])
@@ -238,6 +241,146 @@ def test_sharded_loss_equals_single_device():
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "SHARDED_OK" in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# Durations closer than one float32 step; device-side input checks.
+# ----------------------------------------------------------------------------
+
+
+def sub_float32_cohort(seed=11):
+  """Pairs of durations 2e-4 day apart near 12,000-14,000 days (float32 step there:
+  2^-10 ~ 9.8e-4 day), plus ordinary ones; float32 merges each pair into a tie."""
+  rng = np.random.default_rng(seed)
+  base = rng.uniform(11000, 14000, 60).round(0)
+  duration = np.concatenate([base, base + 2e-4, rng.uniform(100, 14000, 80)])
+  event = np.concatenate([np.ones(60), rng.random(60) < 0.7, rng.random(80) < 0.5]).astype(int)
+  risk = rng.normal(size=duration.size)
+  assert np.unique(duration.astype(np.float32)).size < np.unique(duration).size - 50
+  return risk, duration, event
+
+
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_sub_float32_durations_keep_float64_tie_groups(ties):
+  """Default float32 mode, host durations: the float64 loss, not the merged one."""
+  from sksurv.linear_model.coxph import CoxPHOptimizer
+  risk, duration, event = sub_float32_cohort()
+  ref = brute_force_cox_nll(risk, duration, event, ties)
+  opt = CoxPHOptimizer(risk[:, None], event.astype(bool), duration, alpha=np.array([0.0]),
+                       ties=ties)
+  np.testing.assert_allclose(opt.nlog_likelihood(np.array([1.0])) * len(risk), ref, rtol=1e-12)
+  merged = brute_force_cox_nll(risk, duration.astype(np.float32).astype(np.float64), event, ties)
+  assert abs(merged - ref) / ref > 2e-4  # What the float32 cast used to give.
+  assert not jax.config.jax_enable_x64
+  got = cox_ph_loss(risk, duration, event, ties=ties, reduction="sum")
+  np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+  # Host durations closed over inside jit are ranked at trace time too.
+  f = jax.jit(lambda r: cox_ph_loss(r, duration, event, ties=ties, reduction="sum"))
+  np.testing.assert_allclose(float(f(jnp.asarray(risk, jnp.float32))), ref, rtol=1e-5)
+  # Two outcomes at once: each column keeps its own float64 order.
+  both = cox_ph_loss(np.stack([risk, risk[::-1]], 1), np.stack([duration, duration[::-1]], 1),
+                     np.stack([event, event[::-1]], 1), ties=ties, reduction="sum")
+  np.testing.assert_allclose(np.asarray(both), [ref, ref], rtol=1e-5)
+
+
+def test_sub_float32_durations_match_lifelines_efron():
+  from lifelines import CoxPHFitter
+  import pandas as pd
+  risk, duration, event = sub_float32_cohort(seed=12)
+  x = risk + np.random.default_rng(0).normal(size=risk.size)
+  cph = CoxPHFitter().fit(pd.DataFrame({"x": x, "t": duration, "e": event}), "t", "e")
+  got = cox_ph_loss(x * float(cph.params_["x"]), duration, event, ties="efron", reduction="sum")
+  np.testing.assert_allclose(-float(got), cph.log_likelihood_, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_traced_float32_durations_tie_at_float32_resolution(ties):
+  """The documented jit behaviour, and the documented way around it."""
+  risk, duration, event = sub_float32_cohort()
+  ref = brute_force_cox_nll(risk, duration, event, ties)
+  merged = brute_force_cox_nll(risk, duration.astype(np.float32).astype(np.float64), event, ties)
+  f = jax.jit(lambda r, d, e: cox_ph_loss(r, d, e, ties=ties, reduction="sum"))
+  r32 = jnp.asarray(risk, jnp.float32)
+  np.testing.assert_allclose(float(f(r32, jnp.asarray(duration, jnp.float32), event)), merged,
+                             rtol=1e-5)
+  # A float32 jax.Array (not traced) is already rounded: same float32 groups.
+  np.testing.assert_allclose(float(cox_ph_loss(r32, jnp.asarray(duration, jnp.float32), event,
+                                               ties=ties, reduction="sum")), merged, rtol=1e-5)
+  ranks = duration_ranks(duration)
+  assert ranks.dtype == np.int32 and ranks.shape == duration.shape
+  np.testing.assert_allclose(float(f(r32, ranks, event)), ref, rtol=1e-5)
+  # Ranks of a batch sliced from the cohort's ranks keep the batch's order.
+  idx = np.random.default_rng(1).permutation(duration.size)[:90]
+  np.testing.assert_allclose(
+      float(f(r32[idx], ranks[idx], event[idx])),
+      brute_force_cox_nll(risk[idx], duration[idx], event[idx], ties), rtol=1e-5)
+  # With x64, float64 durations keep float64 groups even with float32 risks.
+  with jax.enable_x64(True):
+    got = jax.jit(lambda r, d, e: cox_ph_loss(r, d, e, ties=ties, reduction="sum"))(
+        r32, jnp.asarray(duration, jnp.float64), event)
+  np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+
+
+def test_integer_durations_compare_exactly_under_jit():
+  # 2^24 and 2^24 + 1 are one float32 value; as int32 they stay distinct.
+  duration = np.array([2**24, 2**24 + 1, 2**24 + 1, 5], np.int32)
+  risk = np.array([0.3, -0.2, 0.9, 0.1])
+  event = np.array([1, 1, 0, 1])
+  f = jax.jit(lambda r, d, e: cox_ph_loss(r, d, e, reduction="sum"))
+  np.testing.assert_allclose(float(f(jnp.asarray(risk, jnp.float32), jnp.asarray(duration), event)),
+                             brute_force_cox_nll(risk, duration, event, "breslow"), rtol=1e-6)
+
+
+def test_duration_ranks():
+  np.testing.assert_array_equal(duration_ranks([3.0, 1.0, 3.0, 12345.0, 12345.0002]),
+                                [1, 0, 1, 2, 3])
+  np.testing.assert_array_equal(duration_ranks(np.array([[2, 7], [7, 2], [5, 5]])),
+                                [[0, 2], [2, 0], [1, 1]])
+  with pytest.raises(ValueError, match=r"duration: NaN or infinite values at rows \[1\]"):
+    duration_ranks([1.0, np.nan])
+  with pytest.raises(ValueError, match="negative"):
+    duration_ranks([1.0, -2.0])
+  with pytest.raises(TypeError, match="outside jit"):
+    jax.jit(duration_ranks)(jnp.ones(3))
+
+
+def test_checkify_catches_bad_inputs_under_jit():
+  risk = jnp.array([0.1, 0.2, 0.3, -0.4])
+  duration = jnp.array([1.0, 2.0, 3.0, 4.0])
+  event = jnp.array([1, 0, 1, 1])
+  f = jax.jit(checked_cox_ph_loss, static_argnames=("ties", "reduction"))
+  err, loss = f(risk, duration, event)
+  assert err.get() is None
+  np.testing.assert_allclose(loss, cox_ph_loss(risk, duration, event), rtol=1e-6)
+  err, _ = f(risk, duration.at[1].set(jnp.nan), event)
+  assert "duration: NaN, infinite or negative value at row 1" in err.get()
+  with pytest.raises(checkify.JaxRuntimeError, match="duration"):
+    err.throw()
+  err, _ = f(risk, duration.at[3].set(-1.0), event, ties="efron")
+  assert "duration" in err.get() and "row 3" in err.get()
+  err, _ = f(risk, duration, event.at[0].set(2))
+  assert "event: value outside {0, 1} at row 0" in err.get()
+  err, _ = f(risk.at[2].set(jnp.nan), duration, event)
+  assert "risk: NaN or infinite value at row 2" in err.get()
+  # Masked (padding) rows may hold anything.
+  keep = jnp.array([True, False, True, True])
+  err, _ = f(risk.at[1].set(jnp.nan), duration.at[1].set(jnp.nan), event.at[1].set(7), mask=keep)
+  assert err.get() is None
+  # [batch, outcomes]: row and outcome are named.
+  d2 = jnp.stack([duration, duration], 1).at[2, 1].set(jnp.nan)
+  err, _ = f(jnp.stack([risk, risk], 1), d2, jnp.stack([event, event], 1))
+  assert "at row 2 (outcome 1)" in err.get()
+  # Host durations (ranked on the host) under a traced mask: flagged from the host.
+  g = jax.jit(lambda r, m: checkify.checkify(
+      lambda: cox_ph_loss(r, np.array([1.0, np.nan, 3.0, 4.0]), np.array([1, 0, 1, 1]), mask=m,
+                          check=True))())
+  assert "duration" in g(risk, jnp.ones(4, bool))[0].get()
+  assert g(risk, keep)[0].get() is None
+  # The user-written form of the docstring, and what happens without checkify.
+  h = jax.jit(checkify.checkify(lambda r, d, e: cox_ph_loss(r, d, e, check=True)))
+  assert "event" in h(risk, duration, event.at[3].set(2))[0].get()
+  with pytest.raises(ValueError, match="not functionalized"):
+    jax.jit(lambda r, d, e: cox_ph_loss(r, d, e, check=True))(risk, duration, event)
 
 
 # ----------------------------------------------------------------------------

