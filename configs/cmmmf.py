@@ -9,7 +9,8 @@ Config argument (comma separated; see configs/fusion.py): modalities=A+B
 (default clinical+rna; add wsi for the synthetic PAM50 bags), wsi=pam50|noise,
 loss=nll|cox, fold=K, local.
 
-Paper settings (CM-MMF §2-3.4; PEERS.md §3.10): AMIL (512/256, rho to 128)
+Paper settings (CM-MMF §2-3.4, on mahmoodlab/PORPOISE's building blocks,
+``models/model_porpoise.py``): AMIL (512/256, rho to 128)
 for WSI tiles and SNN (-> 128, ELU + AlphaDropout 0.25, PORPOISE blocks) per
 tabular modality; embeddings min-max normalised to [0, 1]; cross-modality
 attention with shared V, w and tanh (N = 128, not given in the paper); a

@@ -20,7 +20,7 @@ Config argument (comma separated):
                     stopping); the defaults are the papers' settings
 
 Paper settings (the baselines of CM-MMF Table 1 follow "the PORPOISE official
-pipeline", PEERS.md §3.8): Adam, lr 2e-4, weight decay 1e-5 (PyTorch L2), 20
+pipeline", mahmoodlab/PORPOISE ``utils/core_utils.py``): Adam, lr 2e-4, weight decay 1e-5 (PyTorch L2), 20
 epochs, batch 1 with gradient accumulation over 32 bags (here a padded batch
 of 32, the same mean over 32 patients), NLL with alpha 0, no bin weights, L1
 1e-5 (PORPOISE applies it to the omic branch; here to all parameters), SNN
@@ -51,7 +51,8 @@ from jaxsurv.models.healnet import PAPER_CONFIGS
 
 TABULAR = ("clinical", "rna", "mirna", "methylation")
 
-# HEALNet's released BRCA hyperparameters (PEERS.md §4.1) as model kwargs.
+# HEALNet's released BRCA hyperparameters (konst-int-i/healnet
+# config/best_hyperparams.yml) as model kwargs.
 HEALNET_BRCA = {k: v for k, v in PAPER_CONFIGS["brca"].items() if k not in ("l1", "n_out")}
 
 
@@ -147,7 +148,7 @@ def base_config(model: str, modalities: str = "clinical+rna", *, wsi: str = "pam
   c.progress_bar = True
 
   if model in ("healnet", "early_fusion"):
-    # HEALNet (PEERS.md §4.10): NLL alpha 0.4 with inverse-frequency bin
+    # HEALNet (konst-int-i/healnet healnet/main.py): NLL alpha 0.4 with inverse-frequency bin
     # weights, L1 6.8e-6 (BRCA; added once, not the peer's effective 16x),
     # Adam + OneCycle (max lr 0.008) over 50 epochs, batch 4 (main_gpu.yml;
     # the paper's Table 5 says 8), early stopping patience 5 on val NLL.

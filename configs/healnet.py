@@ -10,7 +10,7 @@ loss=nll|cox, fold=K, local, early_fusion (the paper's "Early Fusion"
 baseline: every tabular modality concatenated into one HEALNet input).
 
 Paper settings (the released BRCA run, konst-int-i/healnet
-config/best_hyperparams.yml and main_gpu.yml; PEERS.md §4.1, §4.10):
+config/best_hyperparams.yml and main_gpu.yml; healnet/main.py):
 
 * model: depth 2, 17 latents of width 126, 1 cross-attention head of width 63,
   attention dropout 0.455, feed-forward dropout 0.365, no latent

@@ -9,7 +9,8 @@ Config argument (comma separated; see configs/fusion.py): modalities=A+B
 PAM50 bags), wsi=pam50|noise, loss=nll|cox, fold=K, local, fusion=concat
 (PORPOISE's concatenation variant instead of the gated bilinear fusion).
 
-Paper settings (mahmoodlab/PORPOISE; PEERS.md §3.1-3.3, §3.8): WSI branch
+Paper settings (mahmoodlab/PORPOISE, ``models/model_porpoise.py`` and
+``utils/core_utils.py``): WSI branch
 Dense 512 -> gated attention (256) -> rho 256; omic SNN 256 -> 256 (ELU,
 AlphaDropout 0.25); gated Kronecker fusion (scale 32, mmhid 256, per-modality
 sigmoid gates and skip connection: the class defaults; the CLI default turns

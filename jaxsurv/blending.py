@@ -45,7 +45,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from jaxsurv.validation import as_float_array
+from jaxsurv.checks import as_float_array
 
 HEADS = ("mm", "image", "clinical")
 MODES = ("sum", "softmax")

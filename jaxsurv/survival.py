@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxsurv import validation
+from jaxsurv import checks
 
 
 # ----------------------------------------------------------------------------
@@ -60,7 +60,7 @@ class TimeBins:
       ValueError: on invalid input, ``n_bins < 1``, or fewer distinct
         uncensored durations than bins.
     """
-    d, e = validation.check_survival(duration, event)
+    d, e = checks.check_survival(duration, event)
     if n_bins < 1:
       raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     uncensored = d[e]
@@ -72,7 +72,7 @@ class TimeBins:
 
   def bin_index(self, duration) -> np.ndarray:
     """Maps durations ``[n]`` to bin indices ``[n]`` (int32) in ``[0, n_bins)``."""
-    d = validation.check_duration(duration)
+    d = checks.check_duration(duration)
     return np.searchsorted(np.asarray(self.cuts), d, side="right").astype(np.int32)
 
   def bin_bounds(self) -> np.ndarray:
@@ -118,7 +118,7 @@ def discrete_survival_at(logits, bins: TimeBins, times) -> np.ndarray:
   bin) is not a survival at any finite time.
   """
   s = discrete_survival(logits)
-  t = validation.check_duration(times, "times")
+  t = checks.check_duration(times, "times")
   idx = np.searchsorted(np.asarray(bins.cuts), t, side="right")  # bins fully passed
   s_pad = np.concatenate([np.ones(s.shape[:-1] + (1,)), s], axis=-1)
   return s_pad[..., idx]
@@ -162,7 +162,7 @@ class BreslowBaseline:
     Raises:
       ValueError: on invalid input or a training set without events.
     """
-    d, e, r = validation.check_survival(duration, event, risk)
+    d, e, r = checks.check_survival(duration, event, risk)
     if d.ndim != 1:
       raise ValueError(f"expected 1-D arrays, got shape {d.shape}")
     if not e.any():
@@ -179,7 +179,7 @@ class BreslowBaseline:
     return cls(times=times[keep], log_cum_hazard=np.logaddexp.accumulate(log_increments))
 
   def _log_h0_at(self, times) -> np.ndarray:
-    t = validation.check_duration(times, "times")
+    t = checks.check_duration(times, "times")
     idx = np.searchsorted(self.times, t, side="right")
     return np.concatenate([[-np.inf], self.log_cum_hazard])[idx]
 
@@ -197,7 +197,7 @@ class BreslowBaseline:
     Returns:
       ``[n, m]`` survival probabilities.
     """
-    r = validation.as_float_array(risk, "risk")
+    r = checks.as_float_array(risk, "risk")
     log_h0 = self._log_h0_at(times)
     return np.exp(-np.exp(r[:, None] + log_h0[None, :]))
 

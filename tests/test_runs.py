@@ -437,3 +437,56 @@ def test_launch_with_a_bad_manifest_ends_with_one_line_and_writes_nothing(tmp_pa
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert lines == [f"jaxsurv: error: cohort manifest not found: {tmp_path / 'nowhere' / 'new.csv'}"]
   assert not wd.exists()
+
+
+@pytest.mark.parametrize("item", ["state", "meta"])
+def test_truncated_checkpoint_ends_with_one_line(mmnn_run, tmp_path, item):
+  """A corrupt checkpoint: a clear message naming it, exit 2, no traceback, nothing lost."""
+  import shutil
+  root, wd, _ = mmnn_run
+  run = tmp_path / "run"
+  shutil.copytree(wd, run)
+  files = sorted((p for p in (run / "checkpoints" / "0" / item).rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+  victim = files[-1]  # The item's largest file: cut it in half.
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+  cfg = tmp_path / "tiny_config.py"
+  cfg.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {str(REPO / 'tests')!r})
+      from conftest import tiny_mmnn_config
+      def get_config():
+        return tiny_mmnn_config(**{{"data.prepare_workers": 1, "num_epochs": 1,
+                                    "eval.bootstrap_resamples": 0}})
+      """))
+  before = _snapshot(run)
+  proc = subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={cfg}",
+                         f"--workdir={run}"], capture_output=True, text=True, timeout=600,
+                        cwd=tmp_path, env=_env(JAXSURV_CACHE=str(root / "cache")))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxsurv: error:")]
+  assert len(errors) == 1 and errors[0].startswith(
+      f"jaxsurv: error: cannot restore checkpoint 0 in {run / 'checkpoints'}"), proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == errors[0]
+  assert _snapshot(run) == before
+
+
+def test_blending_holdout_too_small_is_refused_with_the_stratum_counts():
+  """Every (os_event, dm_event) stratum under 5 patients: the 10% hold-out is empty."""
+  import pandas as pd
+  from jaxsurv import train
+  ids = np.array([f"P{i:02d}" for i in range(12)])
+  table = pd.DataFrame({"patient_id": ids, "os_event": [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1],
+                        "dm_event": [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]})
+  config = ml_collections.ConfigDict(dict(
+      data=dict(outcomes=("os", "dm")), blend=dict(holdout_fraction=0.1)))
+  fit, held = train._holdout(ids, table, 0.1, seed=0)
+  assert len(held) == 0 and len(fit) == 12
+  with pytest.raises(UserError, match=r"has no patients; training patients per stratum: "
+                                      r"os/dm=00: 3, os/dm=01: 3, os/dm=10: 3, os/dm=11: 3\. .*"
+                                      r"--config.blend.enabled=False"):
+    train.check_holdout(fit, held, table, config)
+  fit, held = train._holdout(ids, table, 0.34, seed=0)  # One per stratum: fine.
+  assert len(held) == 4
+  train.check_holdout(fit, held, table, config)

@@ -3,10 +3,11 @@
 :class:`ClinicalPreprocessor` learns every statistic (means, standard
 deviations, category levels, which columns have missing values) from the
 training fold alone and then applies the same fixed transform to validation,
-test and future patients. This avoids the peer defects listed in
-PEERS.md §1.1 (label encoding in order of appearance, unscaled continuous
-features, NaNs surviving an unassigned ``fillna``) and the full-cohort
-statistics of §4.10.
+test and future patients. This avoids defects of the released MMNN code
+(DigITs-AIML/MMNN_STS, ``data/utils.py``: label encoding in order of
+appearance, unscaled continuous features, NaNs surviving an unassigned
+``fillna``) and the full-cohort statistics of the released HEALNet code
+(konst-int-i/healnet, ``healnet/etl/loaders.py``).
 
 Transform, per configured column:
 

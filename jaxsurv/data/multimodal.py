@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from jaxsurv import validation
+from jaxsurv import checks
 from jaxsurv.data import bags as bags_lib
 from jaxsurv.data import public
 from jaxsurv.data.clinical import listing
@@ -107,7 +107,7 @@ class MultimodalCohort:
     if dup:
       raise ValueError(f"patient_ids: duplicate ids {listing(dup)}")
     self.patient_ids = ids
-    d, e = validation.check_survival(self.duration, self.event)
+    d, e = checks.check_survival(self.duration, self.event)
     if d.shape != (n,):
       raise ValueError(f"duration and event must be [{n}], got {d.shape}")
     self.duration, self.event = d, e.astype(np.int64)
@@ -185,7 +185,7 @@ class MultimodalCohort:
     p = np.asarray(p)
     if p.shape != (n,):
       raise ValueError(f"presence[{name!r}] must be [{n}], got {p.shape}")
-    return validation.check_event(p, f"presence[{name!r}]")
+    return checks.check_event(p, f"presence[{name!r}]")
 
   @property
   def n_patients(self) -> int:
@@ -568,7 +568,7 @@ class FoldTransform:
       if extra:
         raise ValueError(f"presence override for unknown modalities {extra}")
       for name, p in presence.items():
-        p = validation.check_event(np.asarray(p), f"presence[{name!r}]")
+        p = checks.check_event(np.asarray(p), f"presence[{name!r}]")
         if p.shape != (m,):
           raise ValueError(f"presence[{name!r}] must be [{m}], got {p.shape}")
         added = p & ~pres[name]
@@ -666,7 +666,7 @@ def drop_modalities(presence: Mapping[str, Any], rng: np.random.Generator | int,
   names = list(presence)
   if not names:
     raise ValueError("drop_modalities: no modalities")
-  arrays = [validation.check_event(np.asarray(presence[k]), f"presence[{k!r}]") for k in names]
+  arrays = [checks.check_event(np.asarray(presence[k]), f"presence[{k!r}]") for k in names]
   shapes = {a.shape for a in arrays}
   if len(shapes) != 1 or arrays[0].ndim != 1:
     raise ValueError(f"drop_modalities: presence arrays must share one [n] shape, got "

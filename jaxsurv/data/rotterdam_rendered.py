@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.special
 
-from jaxsurv import validation
+from jaxsurv import checks
 from jaxsurv.data.render import (OUTCOME_COLUMNS, PhantomVolumes, _RENDER_STREAM, _ROTTERDAM_TAG,
                                  _acquire, _affine, _check_geometry, _check_n, _check_seed,
                                  _ellipsoid_radius, _grid, _patient_key, _patient_rng, _progress,
@@ -284,10 +284,10 @@ def write_rotterdam_rendered(out_dir, *, seed: int = 0, n_patients: int | None =
     if n > len(table):
       raise ValueError(f"n_patients: {n} requested but the rotterdam table has {len(table)}")
     table = table.iloc[_stratified_subset(table, n, seed)].reset_index(drop=True)
-  validation.check_duration(table["os_time"], "os_time")
-  validation.check_duration(table["dm_time"], "dm_time")
-  validation.check_event(table["os_event"], "os_event")
-  validation.check_event(table["dm_event"], "dm_event")
+  checks.check_duration(table["os_time"], "os_time")
+  checks.check_duration(table["dm_time"], "dm_time")
+  checks.check_event(table["os_event"], "os_event")
+  checks.check_event(table["dm_event"], "dm_event")
 
   out_dir = pathlib.Path(out_dir)
   images = out_dir / "images"

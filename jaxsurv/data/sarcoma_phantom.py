@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.special
 
-from jaxsurv import validation
+from jaxsurv import checks
 from jaxsurv.data.render import (OUTCOME_COLUMNS, PhantomVolumes, _RENDER_STREAM, _SARCOMA_TAG,
                                  _TABLE_STREAM, _acquire, _affine, _check_geometry, _check_n,
                                  _check_seed, _ellipsoid_radius, _grid, _patient_key,
@@ -288,8 +288,8 @@ def draw_sarcoma_cohort(n_patients: int = 300, *, seed: int = 0,
     row.update(_draw_sarcoma_patient(_patient_rng(seed, _SARCOMA_TAG, i, _TABLE_STREAM), n_sites))
     rows.append(row)
   table = pd.DataFrame(rows)
-  validation.check_duration(table["os_time"], "os_time")
-  validation.check_duration(table["dm_time"], "dm_time")
+  checks.check_duration(table["os_time"], "os_time")
+  checks.check_duration(table["dm_time"], "dm_time")
   for col in ("os_event", "dm_event", "grade", "neoadjuvant_chemo", "mets_at_presentation"):
     table[col] = table[col].astype(np.int64)
   return table

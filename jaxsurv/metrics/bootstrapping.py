@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from jaxsurv import validation
+from jaxsurv import checks
 from jaxsurv.metrics.concordance import (_check_tol, _device_inputs, _exclusive_cumsum,
                                          _prefix_count_less, _structure, _validated,
                                          concordance_index)
@@ -214,12 +214,12 @@ def weighted_concordance_index(duration, event, risk, weights, *, tied_tol: floa
   """
   tol = _check_tol(tied_tol)
   d, e, r = _validated(duration, event, risk)
-  w = validation.as_float_array(weights, "weights")
+  w = checks.as_float_array(weights, "weights")
   w = w.reshape(1, -1) if w.ndim == 1 else w
   if w.ndim != 2 or w.shape[1] != d.shape[0]:
     raise ValueError(f"weights: expected shape [B, {d.shape[0]}], got {np.shape(weights)}")
   if (w < 0).any():
-    raise ValueError(f"weights: negative values in {validation._rows((w < 0).any(axis=1))}")
+    raise ValueError(f"weights: negative values in {checks._rows((w < 0).any(axis=1))}")
   if method == "auto":
     method = "dense" if d.shape[0] <= _DENSE_MAX else "tree"
   if method == "dense":
@@ -320,7 +320,7 @@ def bootstrap(metric_fn: Callable[..., Any], duration, event, *arrays, n_resampl
       valid replicates.
   """
   _check_bootstrap_args(n_resamples, confidence)
-  d, e = validation.check_survival(duration, event)
+  d, e = checks.check_survival(duration, event)
   n = d.shape[0]
   arrs = [np.asarray(a) for a in arrays]
   for k, a in enumerate(arrs):

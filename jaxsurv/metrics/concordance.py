@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from jaxsurv import validation
+from jaxsurv import checks
 
 Array = jax.Array
 
@@ -567,7 +567,7 @@ def _check_tol(tied_tol) -> float:
 
 def _validated(duration, event, risk, names=("duration", "event", "risk")):
   """Host validation shared by the concordance wrappers; returns numpy arrays."""
-  d, e, r = validation.check_survival(duration, event, risk, names=names)
+  d, e, r = checks.check_survival(duration, event, risk, names=names)
   _check_1d((d, e, r), names)
   if d.shape[0] < 2:
     raise ValueError(f"{names[0]}: need at least two patients, got {d.shape[0]}")
@@ -596,7 +596,7 @@ def _device_inputs(d: np.ndarray, e: np.ndarray, r: np.ndarray):
   _, t_rank = np.unique(d, return_inverse=True)
   big = np.abs(r) > np.finfo(np.float32).max
   if big.any():
-    raise ValueError(f"risk: values beyond the float32 range at {validation._rows(big)}; "
+    raise ValueError(f"risk: values beyond the float32 range at {checks._rows(big)}; "
                      "enable x64 (jax.config.update('jax_enable_x64', True)) for such scores")
   r_hi = r.astype(np.float32)
   r_lo = (r - r_hi.astype(np.float64)).astype(np.float32)

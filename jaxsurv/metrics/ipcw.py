@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxsurv import validation
+from jaxsurv import checks
 from jaxsurv.metrics.concordance import (ConcordanceCounts, _check_1d, _check_tol, _no_pairs,
                                          _per_patient, _validated)
 
@@ -35,7 +35,7 @@ def _surv(event: np.ndarray, duration: np.ndarray):
 def _censoring_km(train_duration, train_event):
   """Validated training arrays and sksurv's Kaplan-Meier censoring estimator fitted on them."""
   from sksurv.nonparametric import CensoringDistributionEstimator
-  td, te = validation.check_survival(train_duration, train_event,
+  td, te = checks.check_survival(train_duration, train_event,
                                      names=("train_duration", "train_event"))
   _check_1d((td, te), ("train_duration", "train_event"))
   if not te.any():
@@ -49,7 +49,7 @@ def _rows_of(idx: np.ndarray, n: int) -> str:
   """``rows [..] (k rows)`` for integer row numbers ``idx`` out of n."""
   m = np.zeros(n, bool)
   m[idx] = True
-  return validation._rows(m)
+  return checks._rows(m)
 
 
 def _censoring_survival(cens, times: np.ndarray, rows: np.ndarray, n: int, what: str,
@@ -148,7 +148,7 @@ def concordance_index_ipcw(train_duration, train_event, duration, event, risk, *
 
 def _check_times(times, d: np.ndarray, name: str = "times") -> np.ndarray:
   """Evaluation times: 1-D, finite, strictly increasing, inside [min(d), max(d))."""
-  t = validation.as_float_array(np.atleast_1d(times), name)
+  t = checks.as_float_array(np.atleast_1d(times), name)
   if t.ndim != 1:
     raise ValueError(f"{name}: expected a 1-D array, got shape {t.shape}")
   if t.size > 1 and np.any(np.diff(t) <= 0):
@@ -163,7 +163,7 @@ def _check_times(times, d: np.ndarray, name: str = "times") -> np.ndarray:
 
 
 def _check_predictions(pred, n: int, n_times: int, name: str, allow_1d: bool) -> np.ndarray:
-  p = validation.as_float_array(pred, name)
+  p = checks.as_float_array(pred, name)
   if p.ndim == 1 and allow_1d:
     if p.shape[0] != n:
       raise ValueError(f"{name}: expected {n} rows, got shape {p.shape}")
@@ -210,7 +210,7 @@ def cumulative_dynamic_auc(train_duration, train_event, duration, event, risk, t
   from sksurv import metrics as skm
   tol = _check_tol(tied_tol)
   td, te, cens = _censoring_km(train_duration, train_event)
-  d, e = validation.check_survival(duration, event)
+  d, e = checks.check_survival(duration, event)
   _check_1d((d, e), ("duration", "event"))
   if not e.any():
     raise ValueError(f"event: all {e.shape[0]} test patients are censored; AUC needs events")
@@ -259,14 +259,14 @@ def brier_score(train_duration, train_event, duration, event, surv_prob, times):
   """
   from sksurv import metrics as skm
   td, te, cens = _censoring_km(train_duration, train_event)
-  d, e = validation.check_survival(duration, event)
+  d, e = checks.check_survival(duration, event)
   _check_1d((d, e), ("duration", "event"))
   t = _check_times(times, d)
   p = _check_predictions(surv_prob, d.shape[0], t.shape[0], "surv_prob", allow_1d=False)
   out = (p < 0) | (p > 1)
   if out.any():
     raise ValueError(f"surv_prob: survival probabilities must lie in [0, 1]; "
-                     f"{validation._rows(out.any(axis=1))} have values outside")
+                     f"{checks._rows(out.any(axis=1))} have values outside")
   # sksurv evaluates G at every test time (events and censored) and at `times`,
   # and fails beyond the training follow-up; G = 0 there just gives weight 0.
   hint = "Use test data within the training follow-up or training data with longer follow-up."

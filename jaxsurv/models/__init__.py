@@ -4,7 +4,9 @@ MMNN: 3D DenseNet image encoder, clinical MLP, concatenation fusion.
 Fusion zoo (HEALNet, CM-MMF and baselines) over tabular and bag modalities.
 
 Every model's ``__call__(..., *, train)`` returns ``(output, aux)`` where
-``aux`` is a dict of named intermediates (STYLE.md §2 item 9).
+``aux`` is a dict of named intermediates (as big_vision's models return
+``(logits, out)``); ``jaxsurv.models.registry`` maps ``config.model.name``
+to a model and its call contract.
 """
 
 from jaxsurv.models.clinical_mlp import ClinicalMLP

@@ -1,4 +1,4 @@
-"""Host-side input validation shared by losses, metrics and the data layer.
+"""Host-side input checks shared by losses, metrics and the data layer.
 
 The jitted cores stay pure; every public host entry point calls these checks
 first so that bad input fails with a message naming the argument and rows,
