@@ -190,7 +190,8 @@ class FitResult:
     params, batch_stats: the selected epoch's variables (host numpy).
     best_epoch: the selected epoch.
     history: per-epoch records (``train_loss``, ``val_loss``,
-      ``val_cindex_<outcome>``, ``lr``, ``seconds``, ``selection_score``,
+      ``val_cindex_<outcome>``, ``lr``, ``seconds`` (training time up to
+      the end of the epoch, across resumes), ``selection_score``,
       controller fields such as ``blend_weights``).
     seconds: wall time of the training loop (this process).
     resumed_from: the first epoch trained after resuming from a checkpoint
@@ -390,6 +391,7 @@ class Trainer:
       bar = tqdm(total=steps * c.num_epochs, initial=start_epoch * steps, desc=desc,
                  unit="step", dynamic_ncols=True, disable=not show, leave=False)
       t0 = time.time()
+      seconds_before = history[-1]["seconds"] if history else 0.0  # Before a resume.
       for epoch in range(start_epoch, c.num_epochs):
         if stopped:
           break
@@ -430,7 +432,7 @@ class Trainer:
                **{f"train_{k}": v for k, v in means.items()
                   if k not in ("loss", "data_loss", "l1", "grad_norm")},
                "lr": lr, "task_args": np.asarray(controller.args()).tolist(),
-               "seconds": time.time() - t0 + (history[-1]["seconds"] if history else 0.0)}
+               "seconds": seconds_before + time.time() - t0}
         rec.update(controller.end_epoch(
             epoch, lambda p: self.predict_part(state.params, state.batch_stats, p)))
         score = self._score(rec)
