@@ -135,6 +135,10 @@ class TrainedRun:
     preprocess: the MRI ``PreprocessConfig`` of training, or None (no images).
     baselines: ``{outcome: BreslowBaseline}``; outcomes without events in the
       training split have none (risk only).
+    head_baselines: ``{unimodal head: {outcome: BreslowBaseline}}`` of a
+      multimodal run (``baseline_hazard_heads.json``), empty for runs made
+      before it was written; with a ``"clinical"`` entry, a patient without
+      MRI is scored by the clinical head.
     outcomes: outcome names, the model's output columns in order.
     modalities: the model's modalities, e.g. ``("image", "clinical")``.
     spec: ``CohortSpec`` a new manifest must satisfy (no outcome columns; the
@@ -155,6 +159,13 @@ class TrainedRun:
   best_step: int
   best_epoch: int | None
   fingerprint: str | None
+  head_baselines: Mapping[str, Mapping[str, survival.BreslowBaseline]] = dataclasses.field(
+      default_factory=dict)
+
+  @property
+  def can_score_without_image(self) -> bool:
+    """A multimodal run whose clinical head (and its baselines) can score a patient alone."""
+    return self.has_image and "clinical" in self.heads and "clinical" in self.head_baselines
 
   @property
   def has_image(self) -> bool:
@@ -352,6 +363,14 @@ def load_run(workdir: PathLike) -> TrainedRun:
   if unknown:
     raise RunLoadError(f"{base_path}: outcomes {unknown} are not the run's outcomes "
                        f"{list(outcomes)}")
+  heads_path = workdir / "baseline_hazard_heads.json"
+  head_baselines = {}
+  if heads_path.is_file():
+    try:
+      head_baselines = {h: {o: survival.BreslowBaseline.from_dict(d) for o, d in per.items()}
+                        for h, per in _read_json(heads_path, "head baselines").items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      raise RunLoadError(f"{heads_path}: unreadable baseline ({e})") from None
 
   image = (jax.ShapeDtypeStruct((1,) + cfg.grid + (len(channels),), jnp.float32)
            if cfg is not None else None)
@@ -378,7 +397,7 @@ def load_run(workdir: PathLike) -> TrainedRun:
   return TrainedRun(workdir=workdir, config=config, model=model, variables=variables,
                     clinical=clin if use_clin else None, preprocess=cfg, baselines=baselines,
                     outcomes=outcomes, modalities=modalities, spec=spec, best_step=step,
-                    best_epoch=epoch, fingerprint=fingerprint)
+                    best_epoch=epoch, fingerprint=fingerprint, head_baselines=head_baselines)
 
 
 # ----------------------------------------------------------------------------
@@ -443,10 +462,17 @@ def check_manifest(run: TrainedRun, manifest: PathLike | pd.DataFrame, *,
                              else str(row[spec.id_column])), row=i)
     if spec.channels and not absent and (spec.mask is None or spec.mask in cols):
       empty = [c for c in spec.path_columns if _blank(row[c])]
-      if empty:
+      if len(empty) == len(spec.path_columns) and run.can_score_without_image:
+        warnings.append(mf.Problem(
+            "clinical_head", "no image: scored with the run's clinical head (risk_head "
+            "'clinical' in predictions.csv)", **where))
+      elif empty:
         problems.append(mf.Problem(
-            "missing_image", f"no file given for {empty}: the MMNN image branch has no "
-            f"missing-image path, every patient needs {list(spec.path_columns)}",
+            "missing_image", f"no file given for {empty}: every patient needs "
+            f"{list(spec.path_columns)}" + (
+                " (a patient with none of them is scored by the clinical head)"
+                if run.can_score_without_image else
+                ": the run has no clinical head to score a patient without MRI"),
             column=empty[0], **where))
     if run.clinical is not None:
       cats = run.clinical.to_dict()["categories"]
@@ -662,6 +688,10 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
     raise InputError([mf.Problem("empty_manifest", "the manifest has no patients")],
                      str(manifest))
   ids = df[run.spec.id_column].astype(str).str.strip().tolist()
+  # Patients without MRI (allowed by check_manifest only when the clinical
+  # head can score them): zeros in the image batch, the clinical head's risk.
+  no_image = ({i for i in range(n) if all(_blank(df.iloc[i][c]) for c in run.spec.path_columns)}
+              if run.has_image else set())
   clin = clinical_features(run, df)
   names = _safe_names(ids)
   risk = {h: np.zeros((n, len(run.outcomes)), np.float32) for h in run.heads}
@@ -675,6 +705,8 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
       cases = {}
       if run.has_image:
         for i in rows:
+          if i in no_image:
+            continue
           try:
             cases[i] = preprocess_patient(run, df.iloc[i])
           # mri's errors are ValueErrors; ITK itself raises RuntimeError.
@@ -684,7 +716,9 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
         bar.update(len(rows))
         if failures:
           continue  # Keep checking the other patients, report them all.
-        image = _pad(np.stack([cases[i].volume for i in rows]), bs)
+        shape = run.preprocess.grid + (len(run.spec.channels),)
+        image = _pad(np.stack([cases[i].volume if i in cases else np.zeros(shape, np.float32)
+                               for i in rows]), bs)
       else:
         bar.update(len(rows))
         image = None
@@ -696,13 +730,15 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
       if cam_jit is not None:
         res = jax.device_get(cam_jit(run.variables, image, clinical))
         for r, i in enumerate(rows):
-          cam_rows += _write_patient_heatmaps(run, cases[i], res, r, ids[i], names[i],
-                                              tmp / "heatmaps", layer, head)
+          if i in cases:  # No heat map without an image.
+            cam_rows += _write_patient_heatmaps(run, cases[i], res, r, ids[i], names[i],
+                                                tmp / "heatmaps", layer, head)
     bar.close()
     if failures:
       raise InputError(failures, str(manifest))
-    summary = _write_outputs(run, tmp, ids, risk, cam_rows, warnings, step_days, manifest,
-                             heatmaps, layer, head)
+    risk_head = ["clinical" if i in no_image else "mm" for i in range(n)]
+    summary = _write_outputs(run, tmp, ids, risk, risk_head, cam_rows, warnings, step_days,
+                             manifest, heatmaps, layer, head)
   log.info("wrote predictions for %d patients to %s", n, out)
   return summary
 
@@ -736,35 +772,54 @@ def _write_patient_heatmaps(run: TrainedRun, case: mri.PreprocessedCase, res: gr
 
 
 def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str],
-                   risk: Mapping[str, np.ndarray], cam_rows: list[dict],
-                   warnings: list[mf.Problem], step_days: float, manifest: PathLike,
-                   heatmaps: bool, layer: str, head: str) -> dict:
-  """Writes predictions.csv, survival_curves.csv, heatmaps.csv and summary.json into ``tmp``."""
+                   risk: Mapping[str, np.ndarray], risk_head: Sequence[str],
+                   cam_rows: list[dict], warnings: list[mf.Problem], step_days: float,
+                   manifest: PathLike, heatmaps: bool, layer: str, head: str) -> dict:
+  """Writes predictions.csv, survival_curves.csv, heatmaps.csv and summary.json into ``tmp``.
+
+  ``risk_head[i]`` is the head that scores patient ``i``: ``"mm"`` (the
+  model's prediction) or ``"clinical"`` (a patient without MRI), each with
+  its own Breslow baselines.
+  """
   horizons = run.horizons_years
-  mm = risk["mm"]
-  cols: dict[str, Any] = {"patient_id": ids}
+  heads = np.asarray(risk_head)
+  groups = {h: np.flatnonzero(heads == h) for h in ("mm", "clinical") if (heads == h).any()}
+  baselines = {"mm": run.baselines, **run.head_baselines}
+  frames, curves = [], []
   notes = []
-  for j, o in enumerate(run.outcomes):
-    cols[f"risk_{o}"] = mm[:, j]
-    base = run.baselines.get(o)
-    if base is None:
-      notes.append(f"{o}: no Breslow baseline (no events in the training split): risk only")
-      continue
-    cols.update(evaluate.survival_columns(o, base, mm[:, j], horizons))
-    last = float(base.times[-1])
-    for h, days in zip(horizons, survival.horizons_in_days(horizons)):
-      if days > last:
-        notes.append(f"{o}: horizon {h:g}y ({days:.0f} days) is beyond the last training event "
-                     f"time ({last:.0f} days); its probability is the flat Breslow extrapolation")
-  evaluate.write_csv_atomic(pd.DataFrame(cols), tmp / "predictions.csv")
-  evaluate.write_csv_atomic(survival_curves(run, ids, mm, step_days), tmp / "survival_curves.csv")
+  for h, rows in groups.items():
+    r = risk[h][rows]
+    cols: dict[str, Any] = {"patient_id": np.asarray(ids)[rows], "risk_head": h}
+    for j, o in enumerate(run.outcomes):
+      cols[f"risk_{o}"] = r[:, j]
+      base = baselines[h].get(o)
+      if base is None:
+        if h == "mm":
+          notes.append(f"{o}: no Breslow baseline (no events in the training split): risk only")
+        continue
+      cols.update(evaluate.survival_columns(o, base, r[:, j], horizons))
+      last = float(base.times[-1])
+      for y, days in zip(horizons, survival.horizons_in_days(horizons)):
+        if days > last and h == "mm":
+          notes.append(f"{o}: horizon {y:g}y ({days:.0f} days) is beyond the last training "
+                       f"event time ({last:.0f} days); its probability is the flat Breslow "
+                       "extrapolation")
+    frames.append(pd.DataFrame(cols, index=rows))
+    curves.append(survival_curves(dataclasses.replace(run, baselines=baselines[h]),
+                                  list(np.asarray(ids)[rows]), r, step_days))
+  if "clinical" in groups:
+    notes.append(f"{len(groups['clinical'])} patients without MRI were scored by the clinical "
+                 "head (risk_head 'clinical'), with that head's own Breslow baseline")
+  evaluate.write_csv_atomic(pd.concat(frames).sort_index(), tmp / "predictions.csv")
+  evaluate.write_csv_atomic(pd.concat(curves, ignore_index=True), tmp / "survival_curves.csv")
   if heatmaps:
     evaluate.write_csv_atomic(pd.DataFrame(cam_rows), tmp / "heatmaps" / "heatmaps.csv")
   summary = {
       "workdir": str(run.workdir.resolve()), "manifest": str(pathlib.Path(manifest).resolve()),
       "n_patients": len(ids), "best_step": run.best_step, "best_epoch": run.best_epoch,
       "outcomes": list(run.outcomes), "horizons_years": list(horizons),
-      "modalities": list(run.modalities), "risk_head": "mm",
+      "modalities": list(run.modalities),
+      "risk_head": {h: int(len(rows)) for h, rows in groups.items()},
       "preprocess_fingerprint": run.fingerprint,
       "survival_grid": {o: {"step_days": float(step_days), "last_event_days": float(b.times[-1])}
                         for o, b in run.baselines.items()},

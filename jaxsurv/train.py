@@ -443,6 +443,17 @@ def report(trainer: loop.Trainer, res: loop.FitResult, parts: Mapping[str, loop.
   evaluate.write_json_atomic(results, workdir / "results.json")
   evaluate.write_json_atomic(
       {o: b.to_dict() for o, b in baselines.items()}, workdir / "baseline_hazard.json")
+  if len(task.heads) > 1:
+    # Each unimodal head's own Breslow baseline (training split), so predict
+    # can score a patient without MRI with the clinical head.
+    from jaxsurv import survival  # pylint: disable=import-outside-toplevel
+    d, e, m = targets["train"]
+    heads = {h: {o: survival.BreslowBaseline.fit(np.asarray(preds["train"][h][m[:, j], j],
+                                                            np.float64),
+                                                 d[m[:, j], j], e[m[:, j], j]).to_dict()
+                 for j, o in enumerate(task.outcomes) if o in baselines}
+             for h in task.heads[1:]}
+    evaluate.write_json_atomic(heads, workdir / "baseline_hazard_heads.json")
   evaluate.plot_training_curves(workdir / "training_curves.png", res.history)
   if len(task.heads) > 1 and blender.history:
     blender.to_csv(workdir / "blend_weights.csv")

@@ -160,7 +160,9 @@ def test_bad_manifests_name_patients_and_files_and_write_nothing(trained, tmp_pa
   ids = bad["patient_id"].tolist()
   bad.loc[0, "t2fs"] = str(tmp_path / "nowhere_t2fs.nii.gz")  # Missing file.
   bad.loc[1, "histotype"] = "angiosarcoma"  # A level the run never saw.
-  bad.loc[2, ["t1c", "t2fs", "mask"]] = ""  # No image at all.
+  # One channel of two: an error (no image at all goes to the clinical head,
+  # see test_patient_without_mri_is_scored_by_the_clinical_head).
+  bad.loc[2, "t2fs"] = ""
   bad.loc[3, "sex"] = ""  # Missing categorical value (training had none).
   truncated = tmp_path / "truncated_t1c.nii.gz"
   blob = open(bad.loc[4, "t1c"], "rb").read()
@@ -327,3 +329,52 @@ def test_out_at_inside_or_above_the_run_is_refused(trained, tmp_path, capsys):
   code = predict.main([f"--workdir={workdir}", f"--manifest={path}",
                        f"--out={tmp_path / 'next_to_it'}", "--no_progress"])
   assert code == 0 and (tmp_path / "next_to_it" / "predictions.csv").is_file()
+
+
+def test_patient_without_mri_is_scored_by_the_clinical_head(trained, tmp_path):
+  """A multimodal run scores a patient with no image paths by its clinical head,
+  marked ``risk_head='clinical'``, with that head's own training Breslow baseline."""
+  import jax
+  from sksurv.linear_model.coxph import BreslowEstimator
+  from jaxsurv import train
+  workdir, _ = trained
+  path, new = _new_patients(trained, tmp_path, n=6)
+  blank = new.copy()
+  blank.loc[blank.index[[1, 4]], ["t1c", "t2fs", "mask"]] = ""
+  blank.to_csv(tmp_path / "blank.csv", index=False)
+  summary = predict.predict(workdir, tmp_path / "blank.csv", tmp_path / "out", progress=False)
+  pred = pd.read_csv(tmp_path / "out" / "predictions.csv")
+  assert pred["patient_id"].tolist() == new["patient_id"].tolist()
+  assert pred["risk_head"].tolist() == ["mm", "clinical", "mm", "mm", "clinical", "mm"]
+  assert summary["risk_head"] == {"mm": 4, "clinical": 2}
+  assert any("scored by the clinical head" in n for n in summary["notes"])
+  full = predict.predict(workdir, path, tmp_path / "full", progress=False)
+  ref = pd.read_csv(tmp_path / "full" / "predictions.csv")
+  assert set(ref["risk_head"]) == {"mm"} and full["risk_head"] == {"mm": 6}
+  mm = pred["risk_head"] == "mm"
+  np.testing.assert_allclose(pred.loc[mm, "risk_os"], ref.loc[mm, "risk_os"], rtol=1e-5)
+  # The clinical head's risk, computed with any image (the head does not see it).
+  run = predict.load_run(workdir)
+  clin = predict.clinical_features(run, pd.read_csv(path, dtype=str))
+  noise = np.random.default_rng(0).normal(
+      size=(len(clin),) + run.preprocess.grid + (2,)).astype(np.float32)
+  outs = jax.jit(lambda v, i, c: train.predict_fn(v["params"], v["batch_stats"], i, c,
+                                                  model=run.model))(run.variables, noise, clin)
+  np.testing.assert_allclose(pred.loc[~mm, ["risk_os", "risk_dm"]],
+                             np.asarray(outs["clinical"])[~mm.to_numpy()], rtol=1e-5, atol=1e-6)
+  # Its survival: Breslow refitted (scikit-survival) on the clinical head's training risks.
+  from jaxsurv.data import splits as splits_lib
+  train_ids = list(splits_lib.load_splits(workdir / "splits.json").train)
+  heads = json.loads((workdir / "baseline_hazard_heads.json").read_text())
+  assert set(heads) == {"image", "clinical"}
+  table = pd.read_csv(trained[1]).set_index("patient_id").loc[train_ids]
+  train_new = table.reset_index().drop(columns=["os_time", "os_event", "dm_time", "dm_event"])
+  x = predict.clinical_features(run, train_new.astype({c: str for c in run.spec.categorical}))
+  z = np.zeros((len(x),) + run.preprocess.grid + (2,), np.float32)
+  tr = np.asarray(jax.jit(lambda v, i, c: train.predict_fn(
+      v["params"], v["batch_stats"], i, c, model=run.model))(run.variables, z, x)["clinical"])
+  est = BreslowEstimator().fit(tr[:, 0].astype(float), table["os_event"].to_numpy(int),
+                               table["os_time"].to_numpy(float))
+  fn = est.get_survival_function(pred.loc[~mm, "risk_os"].to_numpy(float))
+  np.testing.assert_allclose(pred.loc[~mm, "surv_os_2y"], [f(730.5) for f in fn], rtol=1e-6,
+                             atol=1e-9)
