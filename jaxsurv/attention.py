@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from jaxsurv import io as io_lib
 from jaxsurv import evaluate
 
 ID_COLUMNS = ("patient_id", "split")
@@ -171,7 +172,7 @@ def plot_feature_attention(path, table: pd.DataFrame, *, title: str, top_k: int 
   w = table[feats].to_numpy(np.float64)
   order = np.argsort(-w.mean(axis=0), kind="stable")[:top_k]
   top = [feats[j] for j in order]
-  plt = evaluate.pyplot()
+  plt = io_lib.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, max(3.0, 0.25 * len(top) + 1.5)),
                            gridspec_kw={"width_ratios": [1, 2]})
   y = np.arange(len(top))
@@ -193,7 +194,7 @@ def plot_feature_attention(path, table: pd.DataFrame, *, title: str, top_k: int 
   fig.colorbar(im, ax=axes[1], label="attention")
   fig.suptitle(title)
   fig.tight_layout()
-  evaluate.save_png_atomic(fig, path)
+  io_lib.save_png_atomic(fig, path)
   plt.close(fig)
   return top
 
@@ -209,7 +210,7 @@ def plot_modality_weights(path, table: pd.DataFrame, *, title: str) -> None:
   cols = [c for c in table.columns if c.startswith("weight_")]
   if not cols:
     raise ValueError(f"{title}: the table has no weight_<modality> columns")
-  plt = evaluate.pyplot()
+  plt = io_lib.pyplot()
   fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 3.5))
   ax.boxplot([table[c].to_numpy(np.float64) for c in cols])
   ax.set_xticks(np.arange(1, len(cols) + 1), [c[len("weight_"):] for c in cols])
@@ -219,7 +220,7 @@ def plot_modality_weights(path, table: pd.DataFrame, *, title: str) -> None:
   ax.legend(fontsize=7)
   ax.set_title(title)
   fig.tight_layout()
-  evaluate.save_png_atomic(fig, path)
+  io_lib.save_png_atomic(fig, path)
   plt.close(fig)
 
 
@@ -241,7 +242,7 @@ def plot_tile_weights(path, tiles: pd.DataFrame, *, title: str, n_patients: int 
   w = tiles["weight"].astype(np.float64)
   by_patient = (-w * np.log(w)).groupby(tiles["patient_id"])
   frac = np.exp(by_patient.sum()) / by_patient.size()  # effective tiles / tiles
-  plt = evaluate.pyplot()
+  plt = io_lib.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for pid in frac.sort_values(kind="stable").index[:n_patients]:
     ws = np.sort(tiles.loc[tiles["patient_id"] == pid, "weight"].to_numpy())[::-1]
@@ -257,7 +258,7 @@ def plot_tile_weights(path, tiles: pd.DataFrame, *, title: str, n_patients: int 
   axes[1].set_ylabel("patients")
   fig.suptitle(title)
   fig.tight_layout()
-  evaluate.save_png_atomic(fig, path)
+  io_lib.save_png_atomic(fig, path)
   plt.close(fig)
 
 
@@ -280,7 +281,7 @@ def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
   kinds = dict(modalities)
   written = []
   for fname, df in attention_tables(parts, modalities, feature_names).items():
-    evaluate.write_csv_atomic(df, workdir / fname)
+    io_lib.write_csv_atomic(df, workdir / fname)
     written.append(fname)
     stem = fname[:-len(".csv")]
     if fname == "modality_attention.csv":
@@ -300,7 +301,7 @@ def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
       tiles = tile_weight_table(parts, key, m)
       if tiles.empty:
         continue
-      evaluate.write_csv_atomic(tiles, workdir / f"{key}_tiles_{m}.csv")
+      io_lib.write_csv_atomic(tiles, workdir / f"{key}_tiles_{m}.csv")
       plot_tile_weights(workdir / f"{key}_tiles_{m}.png", tiles,
                         title=f"{label} tile weights ({m})")
       written += [f"{key}_tiles_{m}.csv", f"{key}_tiles_{m}.png"]

@@ -411,5 +411,6 @@ def plot_history(history, path) -> str:
   ax_l.set_xlabel("epoch")
   ax_l.set_ylabel("loss")
   ax_l.legend(loc="best", fontsize="small", ncol=2)
-  fig.savefig(path, format="png", dpi=100)
+  from jaxsurv import io as io_lib  # pylint: disable=import-outside-toplevel
+  io_lib.save_png_atomic(fig, path)
   return os.fspath(path)

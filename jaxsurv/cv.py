@@ -66,6 +66,7 @@ import pandas as pd
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxsurv import io as io_lib
 from jaxsurv import cli, evaluate, metrics
 from jaxsurv import fusion_train as ft
 from jaxsurv.data import multimodal
@@ -433,7 +434,7 @@ def run_table(entries: Sequence[Entry], out: str | pathlib.Path, *,
       if entry.model == COXNET:
         res = coxnet_fold(cohort, fsplits[k], **(coxnet_kwargs or {}))
         wd.mkdir(parents=True, exist_ok=True)
-        evaluate.write_json_atomic({k2: v for k2, v in res.items() if not k2.endswith("_risk")},
+        io_lib.write_json_atomic({k2: v for k2, v in res.items() if not k2.endswith("_risk")},
                                    wd / "results.json")
       else:
         cfg_json = _config_json(entry.config)

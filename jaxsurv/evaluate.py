@@ -9,9 +9,7 @@ training split's risks (``jaxsurv.survival.BreslowBaseline``).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -19,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from jaxsurv import metrics, survival
+from jaxsurv.io import pyplot, save_png_atomic
 
 
 def _horizon_key(years: float) -> str:
@@ -186,60 +185,6 @@ def survival_columns(prefix: str, baseline: survival.BreslowBaseline, risk: np.n
     cols[f"surv_{prefix}_{_horizon_key(years)}"] = s[:, j]
     cols[f"p_{prefix}_{_horizon_key(years)}"] = 1.0 - s[:, j]
   return cols
-
-
-def write_json_atomic(obj, path: os.PathLike) -> None:
-  """Writes JSON via a temporary file and an atomic rename.
-
-  A file that already holds exactly this JSON is left untouched (a resumed
-  run does not rewrite what it recorded before).
-  """
-  path = pathlib.Path(path)
-  text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
-  if path.is_file() and path.read_text() == text:
-    return
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def write_csv_atomic(df: pd.DataFrame, path: os.PathLike) -> None:
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  df.to_csv(tmp, index=False)
-  os.replace(tmp, path)
-
-
-def _json_default(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-# ----------------------------------------------------------------------------
-# Plots (matplotlib, Agg backend).
-# ----------------------------------------------------------------------------
-
-
-def pyplot():
-  """``matplotlib.pyplot`` with the non-interactive Agg backend."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def save_png_atomic(fig, path: os.PathLike) -> None:
-  """Saves a matplotlib figure as PNG via a temporary file and an atomic rename."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  try:
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def plot_km_by_risk_group(path, *, risk, duration, event, threshold, title: str) -> None:

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
+from jaxsurv import io as io_lib
 from jaxsurv import attention, evaluate, survival
 from jaxsurv.data import bags as bags_lib
 from jaxsurv.data import multimodal
@@ -290,7 +291,7 @@ def write_label_free_input(workdir: PathLike, out_dir: PathLike, *, part: str = 
     keep = presence[m]
     df = pd.DataFrame(x[keep], columns=list(sub.feature_names[m]))
     df.insert(0, "patient_id", sub.patient_ids[keep])
-    evaluate.write_csv_atomic(df, out_dir / f"{m}.csv")
+    io_lib.write_csv_atomic(df, out_dir / f"{m}.csv")
   for m, (feats, mask) in sub.bags.items():
     (out_dir / m).mkdir()
     rows = []
@@ -298,7 +299,7 @@ def write_label_free_input(workdir: PathLike, out_dir: PathLike, *, part: str = 
       pid = sub.patient_ids[i]
       np.save(out_dir / m / f"{pid}.npy", feats[i][mask[i]], allow_pickle=False)
       rows.append({"patient_id": pid, "path": f"{m}/{pid}.npy"})
-    evaluate.write_csv_atomic(pd.DataFrame(rows, columns=["patient_id", "path"]),
+    io_lib.write_csv_atomic(pd.DataFrame(rows, columns=["patient_id", "path"]),
                               out_dir / f"{m}.csv")
   table = pd.DataFrame({"patient_id": sub.patient_ids,
                         **{f"present_{m}": p.astype(int) for m, p in presence.items()}})
@@ -345,7 +346,7 @@ def predict(workdir: PathLike, input_dir: PathLike, out: PathLike, *,
     cols["log_hazard"] = pred["out"][:, 0]
   table = pd.DataFrame(cols)
   out.mkdir(parents=True)
-  evaluate.write_csv_atomic(table, out / "predictions.csv")
+  io_lib.write_csv_atomic(table, out / "predictions.csv")
   parts = {"input": dict(data, pred=pred, risk=risk, patient_id=cohort.patient_ids)}
   attention.write_attention_reports(out, parts, run.modalities, cohort.feature_names)
   return table

@@ -55,6 +55,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
+from jaxsurv import io as io_lib
 from jaxsurv import attention, evaluate, metrics, survival, tasks
 from jaxsurv.data import multimodal
 from jaxsurv.data import splits as splits_lib
@@ -565,11 +566,11 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     splits_lib.save_splits(split, workdir / "splits.json")
-    evaluate.write_json_atomic(run.transform.to_dict(), workdir / "transform.json")
-    evaluate.write_csv_atomic(pd.DataFrame(run.history), workdir / "history.csv")
-    evaluate.write_csv_atomic(prediction_table(parts, c.loss.name), workdir / "predictions.csv")
+    io_lib.write_json_atomic(run.transform.to_dict(), workdir / "transform.json")
+    io_lib.write_csv_atomic(pd.DataFrame(run.history), workdir / "history.csv")
+    io_lib.write_csv_atomic(prediction_table(parts, c.loss.name), workdir / "predictions.csv")
     attention.write_attention_reports(workdir, parts, trainer.modalities, cohort.feature_names)
-    evaluate.write_json_atomic(results, workdir / "results.json")
+    io_lib.write_json_atomic(results, workdir / "results.json")
   return results, run
 
 

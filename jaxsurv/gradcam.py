@@ -393,7 +393,8 @@ def save_overlay_png(image, heat, path: PathLike, *, mask=None, title: str = "",
   fig.colorbar(shown, ax=list(axes), fraction=0.02, pad=0.01, label="Grad-CAM (normalised)")
   if title:
     fig.suptitle(title)
+  from jaxsurv import io as io_lib  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
+  io_lib.save_png_atomic(fig, path)
   return path

@@ -88,6 +88,7 @@ import numpy as np
 import pandas as pd
 from absl import app, flags
 
+from jaxsurv import io as io_lib
 from jaxsurv import cli, evaluate, gradcam, runs, survival
 from jaxsurv.data import clinical as clinical_lib
 from jaxsurv.data import manifest as mf
@@ -810,10 +811,10 @@ def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str],
   if "clinical" in groups:
     notes.append(f"{len(groups['clinical'])} patients without MRI were scored by the clinical "
                  "head (risk_head 'clinical'), with that head's own Breslow baseline")
-  evaluate.write_csv_atomic(pd.concat(frames).sort_index(), tmp / "predictions.csv")
-  evaluate.write_csv_atomic(pd.concat(curves, ignore_index=True), tmp / "survival_curves.csv")
+  io_lib.write_csv_atomic(pd.concat(frames).sort_index(), tmp / "predictions.csv")
+  io_lib.write_csv_atomic(pd.concat(curves, ignore_index=True), tmp / "survival_curves.csv")
   if heatmaps:
-    evaluate.write_csv_atomic(pd.DataFrame(cam_rows), tmp / "heatmaps" / "heatmaps.csv")
+    io_lib.write_csv_atomic(pd.DataFrame(cam_rows), tmp / "heatmaps" / "heatmaps.csv")
   summary = {
       "workdir": str(run.workdir.resolve()), "manifest": str(pathlib.Path(manifest).resolve()),
       "n_patients": len(ids), "best_step": run.best_step, "best_epoch": run.best_epoch,
@@ -829,7 +830,7 @@ def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str],
       "notes": notes, "warnings": [str(w) for w in warnings]}
   for w in warnings:
     log.warning("%s", w)
-  evaluate.write_json_atomic(summary, tmp / "summary.json")
+  io_lib.write_json_atomic(summary, tmp / "summary.json")
   return summary
 
 

@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
+from jaxsurv import io as io_lib
 from jaxsurv import augment as augment_lib
 from jaxsurv import blending, evaluate, tasks
 from jaxsurv.data import clinical as clinical_lib
@@ -390,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     split = saved
     arrays, clin_pre = build_arrays(prepared, config, split.train)
     parts = _parts(arrays, split, config)
-  evaluate.write_json_atomic({"clinical": clin_pre.to_dict() if clin_pre.fitted else None,
+  io_lib.write_json_atomic({"clinical": clin_pre.to_dict() if clin_pre.fitted else None,
                               "preprocess": dataclasses.asdict(prepared.preprocess)
                               if prepared.preprocess is not None else None,
                               "fingerprint": prepared.fingerprint,
@@ -439,9 +440,9 @@ def report(trainer: loop.Trainer, res: loop.FitResult, parts: Mapping[str, loop.
       if o in baselines:
         cols.update(evaluate.survival_columns(o, baselines[o], risk[name][:, j], horizons))
     rows.append(pd.DataFrame(cols))
-  evaluate.write_csv_atomic(pd.concat(rows, ignore_index=True), workdir / "predictions.csv")
-  evaluate.write_json_atomic(results, workdir / "results.json")
-  evaluate.write_json_atomic(
+  io_lib.write_csv_atomic(pd.concat(rows, ignore_index=True), workdir / "predictions.csv")
+  io_lib.write_json_atomic(results, workdir / "results.json")
+  io_lib.write_json_atomic(
       {o: b.to_dict() for o, b in baselines.items()}, workdir / "baseline_hazard.json")
   if len(task.heads) > 1:
     # Each unimodal head's own Breslow baseline (training split), so predict
@@ -453,7 +454,7 @@ def report(trainer: loop.Trainer, res: loop.FitResult, parts: Mapping[str, loop.
                                                  d[m[:, j], j], e[m[:, j], j]).to_dict()
                  for j, o in enumerate(task.outcomes) if o in baselines}
              for h in task.heads[1:]}
-    evaluate.write_json_atomic(heads, workdir / "baseline_hazard_heads.json")
+    io_lib.write_json_atomic(heads, workdir / "baseline_hazard_heads.json")
   evaluate.plot_training_curves(workdir / "training_curves.png", res.history)
   if len(task.heads) > 1 and blender.history:
     blender.to_csv(workdir / "blend_weights.csv")
