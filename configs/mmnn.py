@@ -22,17 +22,14 @@ Variants are selected by the config argument (comma separated):
 import ml_collections
 
 from configs.common import parse_arg
+from jaxsurv.data import phantom
 
 # Clinical columns a model may use, per demo cohort (the rendered cohort's
-# tumour size and grade are in the image only).
+# tumour size and grade are in the image only): the numeric and categorical
+# columns of each demo cohort's spec (``jaxsurv.data.phantom.cohort_spec``).
 _CLINICAL = {
-    "rotterdam_rendered": dict(
-        numeric=("year", "age", "nodes", "pgr", "er"),
-        categorical=("meno", "hormon", "chemo")),
-    "sarcoma_phantom": dict(
-        numeric=("age", "grade", "size_cm"),
-        categorical=("sex", "location", "histotype", "depth", "neoadjuvant_chemo",
-                     "mets_at_presentation", "rt_type", "margin")),
+    name: dict(numeric=spec.numeric, categorical=spec.categorical)
+    for name, spec in ((n, phantom.cohort_spec(n)) for n in phantom.CLINICAL_SPECS)
 }
 
 

@@ -222,6 +222,20 @@ def test_rotterdam_images_follow_size_and_grade(rotterdam_dir):
   assert diameter == pytest.approx(row["render_diameter_mm"], abs=0.01)
 
 
+@pytest.mark.parametrize("cohort", ["sarcoma_phantom", "rotterdam_rendered"])
+def test_mmnn_config_takes_the_cohorts_clinical_columns(cohort):
+  from configs import mmnn  # pylint: disable=import-outside-toplevel
+  spec = phantom.cohort_spec(cohort)
+  data = mmnn.get_config(f"local,cohort={cohort}").data
+  assert data.numeric == spec.numeric and data.categorical == spec.categorical
+  assert set(data.numeric + data.categorical) == set(phantom.model_input_columns(cohort))
+  assert not [c for c in data.numeric + data.categorical if phantom.is_non_model_column(c)]
+  if cohort == "rotterdam_rendered":  # Tumour size and grade are in the image only.
+    assert data.numeric == ("year", "age", "nodes", "pgr", "er")
+    assert data.categorical == ("meno", "hormon", "chemo")
+    assert not {"size", "grade"} & set(data.numeric + data.categorical)
+
+
 def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="n_patients"):
     phantom.draw_sarcoma_cohort(0)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+import tensorflow_datasets as tfds
 
 from jaxsurv.data import manifest as mf
 from jaxsurv.data import mri
@@ -83,6 +84,25 @@ def test_read_back_equals_direct_preprocessing(env):
   assert rec["os_time"] == np.float32(df["os_time"][2]) and rec["dm_event"] == df["dm_event"][2]
   assert pc.dataset_dir.parent.name.startswith("sarcoma_phantom-seed0-n6-16x16x16-fp")
   assert CFG.fingerprint() in pc.dataset_dir.parent.name
+
+
+def test_builder_name_and_version_locate_prepared_datasets(env):
+  """Dataset name, config-name scheme and version fix the folder of an already prepared cohort."""
+  pc = env["prepared"]
+  assert prepare.DATASET_NAME == "jaxsurv_cohort" and prepare.SPLIT == "patients"
+  assert tfds.builder_cls(prepare.DATASET_NAME) is prepare.JaxsurvCohort
+  assert str(prepare.JaxsurvCohort.VERSION) == "1.0.0"
+  assert pc.dataset_dir == (env["data_dir"] / "jaxsurv_cohort" /
+                            f"sarcoma_phantom-seed0-n{N}-16x16x16-fp{CFG.fingerprint()}" / "1.0.0")
+
+
+def test_demo_cohort_spec_is_the_phantom_spec():
+  """One definition of a demo cohort's spec (``phantom.cohort_spec``); tabular specs from public."""
+  for name in prepare.DEMO_COHORTS:
+    assert prepare.cohort_spec(name) == phantom.cohort_spec(name)
+  assert prepare.cohort_spec("gbsg").channels == () and prepare.cohort_spec("gbsg").outcomes == ("dm",)
+  with pytest.raises(ValueError, match="unknown cohort 'nope'.*known"):
+    prepare.cohort_spec("nope")
 
 
 def test_second_prepare_reuses_files(env, monkeypatch):

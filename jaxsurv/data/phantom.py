@@ -108,9 +108,10 @@ def cohort_spec(cohort: str):
 
   Channels ``("t1c", "t2fs")``, mask ``"mask"``, outcomes ``("os", "dm")``,
   and the clinical columns of the cohort's spec dict split into numeric and
-  categorical (with their levels). Oracle, latent and render-reference
-  columns are not in it, so nothing built from the spec feeds them to a
-  model.
+  categorical (with their levels, where listed). Oracle, latent and
+  render-reference columns are not in it, so nothing built from the spec
+  feeds them to a model. This is the one definition of a demo cohort's
+  spec: ``jaxsurv.data.cohorts.cohort_spec`` returns it for demo names.
 
   Args:
     cohort: ``"sarcoma_phantom"`` or ``"rotterdam_rendered"``.
@@ -124,7 +125,8 @@ def cohort_spec(cohort: str):
     model_input_columns(cohort)  # raises the ValueError naming the cohorts
   numeric = tuple(k for k, v in spec.items() if v["kind"] == "numeric")
   categorical = tuple(k for k, v in spec.items() if v["kind"] == "categorical")
+  # Levels as listed; ``CohortSpec`` normalises them (``manifest._level``).
+  levels = {k: tuple(spec[k]["levels"]) for k in categorical if "levels" in spec[k]}
   return manifest.CohortSpec(
       channels=IMAGE_COLUMNS, mask=MASK_COLUMN, numeric=numeric, categorical=categorical,
-      outcomes=("os", "dm"),
-      categorical_levels={k: tuple(str(v) for v in spec[k]["levels"]) for k in categorical})
+      outcomes=("os", "dm"), categorical_levels=levels)
