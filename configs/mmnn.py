@@ -17,6 +17,13 @@ Variants are selected by the config argument (comma separated):
 
   python launch.py --config=configs/mmnn.py:local --workdir=runs/local
   python launch.py --config=configs/mmnn.py:local,modalities=clinical --workdir=runs/local_clin
+
+Expected results (``local`` on rotterdam_rendered, 2 CPU cores, about 8-9
+min; test split, Harrell's C with bootstrap SD): multimodal OS 0.71 (0.017),
+DM 0.69 (0.018), measured 0.709 / 0.691 on 2026-12-01 (selected epoch 13;
+runs on other machines of the same kind varied by about 0.01); clinical only
+0.705 / 0.677; image only 0.628 / 0.611. The paper's default config has not
+been run here (no GPU host).
 """
 
 import ml_collections

@@ -213,14 +213,20 @@ def plot_km_by_risk_group(path, *, risk, duration, event, threshold, title: str)
 
 
 def plot_training_curves(path, history: Sequence[Mapping]) -> None:
-  """Training loss, validation loss and validation C-index per epoch."""
+  """Training loss, validation loss and validation C-index per epoch.
+
+  ``history``: the trainer's epoch records (``train_loss``: the training
+  objective, e.g. the blended Cox loss of MMNN or the NLL + L1 of the fusion
+  zoo; ``val_loss``: the selection loss on the whole validation part;
+  ``val_cindex_<outcome>``).
+  """
   plt = pyplot()
   epochs = [h["epoch"] for h in history]
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-  axes[0].plot(epochs, [h["train_loss"] for h in history], label="train (blended)")
-  axes[0].plot(epochs, [h["val_loss"] for h in history], label="val (mm head)")
+  axes[0].plot(epochs, [h["train_loss"] for h in history], label="train (objective)")
+  axes[0].plot(epochs, [h["val_loss"] for h in history], label="validation (selection loss)")
   axes[0].set_xlabel("epoch")
-  axes[0].set_ylabel("Cox loss")
+  axes[0].set_ylabel("loss")
   axes[0].legend()
   for key in sorted({k for h in history for k in h if k.startswith("val_cindex_")}):
     axes[1].plot(epochs, [h.get(key, math.nan) for h in history], label=key[len("val_"):])

@@ -535,7 +535,10 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
     model, modalities, selected epoch, parameter count, and per part
     ``{"n", "events", "cindex", "loss"}`` plus ``"os"``, the report every
     jaxsurv run gives (``evaluate.report_outcomes``: Harrell's and Uno's C,
-    IBS, time-dependent AUC, bootstrap SD and CI).
+    IBS, time-dependent AUC, bootstrap SD and CI). With a ``workdir`` it also
+    writes the plots every run has: ``km_test_os.png`` (Kaplan-Meier curves
+    of the test part split at the training part's median risk) and
+    ``training_curves.png``.
   """
   c = trainer.config
   ckpt = pathlib.Path(workdir) / "checkpoints" if (checkpoint and workdir is not None) else None
@@ -561,6 +564,7 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
       survival_fns=_survival_fns(parts, run.transform, c.loss.name))
   for part, by_outcome in report.items():
     results[part].update(by_outcome)
+  threshold = float(np.median(parts["train"]["risk"]))
   del parts["train"]
   if workdir is not None:
     workdir = pathlib.Path(workdir)
@@ -570,6 +574,12 @@ def run_fold(trainer: FusionTrainer, cohort: multimodal.MultimodalCohort,
     io_lib.write_csv_atomic(pd.DataFrame(run.history), workdir / "history.csv")
     io_lib.write_csv_atomic(prediction_table(parts, c.loss.name), workdir / "predictions.csv")
     attention.write_attention_reports(workdir, parts, trainer.modalities, cohort.feature_names)
+    test = parts["test"]
+    evaluate.plot_km_by_risk_group(workdir / "km_test_os.png", risk=test["risk"],
+                                   duration=test["duration"], event=test["event"],
+                                   threshold=threshold,
+                                   title="OS: test part by training-median risk")
+    evaluate.plot_training_curves(workdir / "training_curves.png", run.history)
     io_lib.write_json_atomic(results, workdir / "results.json")
   return results, run
 

@@ -174,7 +174,9 @@ class TrainedRun:
 
   @property
   def heads(self) -> tuple[str, ...]:
-    return ("mm",) + (self.modalities if len(self.modalities) > 1 else ())
+    """The model's output heads, as in training (``jaxsurv.train.head_names``)."""
+    from jaxsurv import train  # pylint: disable=import-outside-toplevel
+    return train.head_names(self.config)
 
   @property
   def n_clinical_features(self) -> int:

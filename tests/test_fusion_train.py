@@ -128,7 +128,8 @@ def test_cmmmf_writes_modality_and_tile_attention(tmp_path):
   long = pd.read_csv(tmp_path / "mil_attention_tiles_wsi.csv")
   assert len(long) == tiles["n_tiles"].sum()
   np.testing.assert_allclose(long.groupby("patient_id")["weight"].sum(), 1.0, rtol=1e-5)
-  for png in ("modality_attention.png", "mil_attention_tiles_wsi.png"):
+  for png in ("modality_attention.png", "mil_attention_tiles_wsi.png", "km_test_os.png",
+              "training_curves.png"):
     assert (tmp_path / png).stat().st_size > 0, png
 
 

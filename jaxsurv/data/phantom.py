@@ -8,15 +8,10 @@ user's own cohort takes (manifest -> NIfTI loading -> preprocessing -> model).
 searched has any), so the volumes are drawn by the modules listed below.
 
 * ``sarcoma_phantom`` (:func:`write_sarcoma_phantom`) is **fully synthetic**:
-  the patients, their 11 clinical variables, their T1 post-contrast (``t1c``)
-  and T2 fat-suppressed (``t2fs``) limb MRI and their overall survival (OS)
-  and distant-metastasis (DM) outcomes are all simulated from a known
-  proportional-hazards model. The true log-hazards are stored as the oracle
-  columns ``eta_os``/``eta_dm``, so a model's C-index can be compared with the
-  best achievable one. Part of the signal is visible only on T1c (necrotic
-  fraction), part only on T2-FS (peritumoural oedema), part only in the
-  clinical table (margin status, a noisy grade), and part in several
-  modalities (tumour volume, depth, heterogeneity).
+  patients, clinical variables, T1c / T2-FS limb MRI and OS / DM outcomes
+  simulated from a known proportional-hazards model, with the true
+  log-hazards as oracle columns ``eta_os``/``eta_dm`` (details in
+  ``jaxsurv.data.sarcoma_phantom``).
 * ``rotterdam_rendered`` (:func:`write_rotterdam_rendered`) pairs **real
   patients with rendered images**: the 2982 real Rotterdam breast-cancer
   patients (R ``survival::rotterdam``) with their real covariates and their
