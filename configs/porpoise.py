@@ -9,6 +9,11 @@ Config argument (comma separated; see configs/fusion.py): modalities=A+B
 PAM50 bags), wsi=pam50|noise, loss=nll|cox, fold=K, local, fusion=concat
 (PORPOISE's concatenation variant instead of the gated bilinear fusion).
 
+Expected results (2 CPU cores, 2026-12-01, ``python -m jaxsurv.cv table``,
+5 folds): test C 0.748 ± 0.087 on clinical + RNA and 0.656 ± 0.113 on RNA +
+WSI bags (before the encoder2 fix of GatedKroneckerFusion; see
+benchmarks/RESULTS.md for the rerun).
+
 Paper settings (mahmoodlab/PORPOISE, ``models/model_porpoise.py`` and
 ``utils/core_utils.py``): WSI branch
 Dense 512 -> gated attention (256) -> rho 256; omic SNN 256 -> 256 (ELU,
