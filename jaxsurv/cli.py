@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import pathlib
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -55,6 +56,40 @@ def define_debug_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("debug", False, "Show the traceback of user, environment and training "
                          "errors too (they end with one message otherwise).",
                          flag_values=flag_values)
+
+
+def define_compilation_cache_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines ``--compilation_cache`` on ``flag_values`` (once)."""
+  if "compilation_cache" not in flag_values:
+    flags.DEFINE_boolean(
+        "compilation_cache", True, "Keep compiled train steps and forward passes in JAX's "
+        "persistent compilation cache under $JAXSURV_CACHE/jax_compilation_cache, so the next "
+        "run on this machine skips compiling them (--nocompilation_cache: off)",
+        flag_values=flag_values)
+
+
+def setup_compilation_cache(enabled: bool) -> pathlib.Path | None:
+  """Turns JAX's persistent compilation cache on (or off) for this process.
+
+  On: ``jax_compilation_cache_dir`` is ``$JAXSURV_CACHE/jax_compilation_cache``
+  (default ``~/.cache/jaxsurv``) and programs that took at least 1 s to
+  compile are kept (``jax_persistent_cache_min_compile_time_secs``). The
+  cache holds compiled native code that later runs load: keep
+  ``$JAXSURV_CACHE`` writable only by you, as for the prepared datasets.
+  Must run before the first compilation.
+
+  Returns:
+    The cache folder, or None when off.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if not enabled:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  from jaxsurv.data import fetch  # pylint: disable=import-outside-toplevel
+  folder = fetch.cache_dir("jax_compilation_cache")
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return folder
 
 
 def is_environment_error(exc: BaseException) -> bool:
@@ -169,6 +204,7 @@ def _quiet_libraries() -> None:
 def _run_main(main: Callable[..., Any], flag_values: flags.FlagValues | None,
               argv: Sequence[str]) -> Any:
   _quiet_libraries()
+  setup_compilation_cache(flags.FLAGS["compilation_cache"].value)
   return _guarded(main, flag_values, argv)
 
 
@@ -177,7 +213,8 @@ def run(main: Callable[..., Any], *, define_flags: DefineFlags | None = None,
   """``absl.app.run(main)``, ending as described in the module docstring.
 
   absl logging is set to WARNING before ``main`` runs unless ``--verbosity``
-  is given.
+  is given; JAX's persistent compilation cache is on unless
+  ``--nocompilation_cache`` (``setup_compilation_cache``).
 
   Args:
     main: without ``define_flags``, ``main(argv)`` reading flags the caller
@@ -197,6 +234,7 @@ def run(main: Callable[..., Any], *, define_flags: DefineFlags | None = None,
   """
   argv = list(sys.argv if argv is None else argv)
   define_debug_flag(flags.FLAGS)
+  define_compilation_cache_flag(flags.FLAGS)
   if define_flags is not None:
     define_flags(flags.FLAGS, argv)
   app.run(functools.partial(_run_main, main, None if define_flags is None else flags.FLAGS),
@@ -210,7 +248,8 @@ def call(main: Callable[[list[str], flags.FlagValues], Any], define_flags: Defin
 
   The same ending as :func:`run` (one message on stderr for a user, training
   or environment error), for tests and for Python callers; absl's own
-  process-wide set-up (logging flags, ``--helpfull``) is not involved.
+  process-wide set-up (logging flags, ``--helpfull``) and the compilation
+  cache set-up are not involved (the caller's JAX configuration is kept).
 
   Args:
     main, define_flags: as in :func:`run`.

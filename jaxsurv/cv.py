@@ -771,11 +771,7 @@ def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
   """
   command = _command(argv, fv)
   logging.basicConfig(level=logging.WARNING)
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxsurv.data import fetch  # pylint: disable=import-outside-toplevel
-  # Persistent compilation cache: repeated runs skip recompiling the steps.
-  jax.config.update("jax_compilation_cache_dir", str(fetch.cache_dir("jax_compilation_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  # The persistent compilation cache is set up by jaxsurv.cli.run (--compilation_cache).
   out = pathlib.Path(fv.out)
   overrides = list(fv.set)
   folds = _ints(fv.folds, "folds")
