@@ -9,6 +9,7 @@ modalities.
 """
 
 import functools
+import zlib
 
 import flax
 import jax
@@ -359,6 +360,111 @@ def test_bilinear_product_width_and_limits():
                                             **SMALL_ENC)
                    .init(jax.random.key(0), inputs, presence, train=False))
 
+
+
+def _fixed_dropout_mask(name, shape, rate):
+  """A deterministic inverted-dropout mask for the Dropout submodule ``name``
+  (kept entries 1 / (1 - rate), dropped ones 0), the same in the model and in
+  the numpy reference."""
+  keep = np.random.default_rng(zlib.crc32(name.encode())).random(shape) >= rate
+  return keep.astype(np.float32) / np.float32(1.0 - rate)
+
+
+def _porpoise_bilinear_reference(params, embs, present, *, gate, skip,
+                                 drop=lambda name, x: x):
+  """PORPOISE's ``BilinearFusion.forward`` (mahmoodlab/PORPOISE
+  ``models/model_utils.py``) in numpy, generalised to M modalities and to a
+  missing modality's ``o_i`` = 0. ``drop(name, x)`` stands for the Dropout
+  called ``name``; PORPOISE's ``nn.Sequential`` order: linear_o = Linear,
+  ReLU, Dropout; post_fusion_dropout on the product; encoder1 = Linear,
+  ReLU, Dropout; then the skip concatenation; encoder2 = Linear, ReLU,
+  Dropout, with or without skip."""
+  relu = lambda x: np.maximum(x, 0.0)
+  dense = lambda name, x: (x @ np.asarray(params[name]["kernel"])
+                           + np.asarray(params[name]["bias"]))
+  v_all = np.concatenate(embs, axis=-1)
+  batch = v_all.shape[0]
+  prod = np.ones((batch, 1), np.float32)
+  for i, v in enumerate(embs):
+    h = relu(dense(f"h{i}", v))
+    if gate:
+      h = h / (1.0 + np.exp(-dense(f"z{i}", v_all)))
+    o = drop(f"o{i}_dropout", relu(dense(f"o{i}", h)))
+    o = o * present[:, i:i + 1]
+    o = np.concatenate([o, np.ones((batch, 1), np.float32)], axis=-1)
+    prod = np.einsum("bi,bj->bij", prod, o).reshape(batch, -1)
+  out = drop("post_fusion_dropout", prod)
+  out = drop("encoder1_dropout", relu(dense("encoder1", out)))
+  if skip:
+    out = np.concatenate([out, v_all], axis=-1)
+  return drop("encoder2_dropout", relu(dense("encoder2", out)))
+
+
+@pytest.mark.parametrize("skip,gate", [(False, True), (True, True),
+                                       (False, False)])
+def test_gated_kronecker_fusion_matches_porpoise_bilinear_fusion(skip, gate):
+  # PORPOISE always applies encoder2 after encoder1 (only its input width
+  # depends on skip) and has dropout after encoder1 and encoder2; the old
+  # module skipped encoder2 without skip and had neither dropout.
+  d1, d2, scale, mmhid, rate = 5, 7, 3, 6, 0.5
+  r = np.random.default_rng(3)
+  embs = [r.normal(size=(4, d1)).astype(np.float32),
+          r.normal(size=(4, d2)).astype(np.float32)]
+  present = np.array([[1, 1], [1, 0], [0, 1], [1, 1]], bool)
+  embs[1][1] = 0.0  # Missing embeddings arrive as 0.
+  embs[0][2] = 0.0
+  fusion = F.GatedKroneckerFusion(scale_dim=scale, mmhid=mmhid, gate=gate,
+                                  skip=skip, dropout_rate=rate)
+  params = fusion.init(jax.random.key(1), embs, present, train=False)["params"]
+  # Non-zero biases so that the position of every layer matters.
+  params = jax.tree.map(
+      lambda a: a + 0.1 * r.normal(size=a.shape).astype(np.float32), params)
+  assert set(params) == ({"h0", "h1", "o0", "o1", "encoder1", "encoder2"}
+                         | ({"z0", "z1"} if gate else set()))
+  assert params["encoder1"]["kernel"].shape == ((scale + 1) ** 2, mmhid)
+  assert params["encoder2"]["kernel"].shape == (
+      (mmhid + d1 + d2 if skip else mmhid), mmhid)
+
+  got = np.asarray(fusion.apply({"params": params}, embs, present,
+                                train=False))
+  want = _porpoise_bilinear_reference(params, embs, present.astype(np.float32),
+                                      gate=gate, skip=skip)
+  assert got.shape == (4, mmhid)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  # Training: every Dropout gets a fixed mask, so the module's dropout
+  # positions must be PORPOISE's for the outputs to agree.
+  called = []
+
+  def fixed_dropout(next_fun, args, kwargs, context):
+    if not isinstance(context.module, flax.linen.Dropout):
+      return next_fun(*args, **kwargs)
+    assert kwargs["deterministic"] is False
+    name = context.module.name
+    called.append(name)
+    x = args[0]
+    return x * _fixed_dropout_mask(name, x.shape, rate)
+
+  with flax.linen.intercept_methods(fixed_dropout):
+    got_train = np.asarray(fusion.apply(
+        {"params": params}, embs, present, train=True,
+        rngs={"dropout": jax.random.key(2)}))
+  assert sorted(called) == sorted(["o0_dropout", "o1_dropout",
+                                   "post_fusion_dropout", "encoder1_dropout",
+                                   "encoder2_dropout"])
+  want_train = _porpoise_bilinear_reference(
+      params, embs, present.astype(np.float32), gate=gate, skip=skip,
+      drop=lambda name, x: x * _fixed_dropout_mask(name, x.shape, rate))
+  np.testing.assert_allclose(got_train, want_train, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got_train, got)  # The masks did change the output.
+
+  # The same layer in the PORPOISE model, whose fusion is this module.
+  inputs, presence = _batch()
+  shapes = jax.eval_shape(lambda: F.PorpoiseGatedLateFusion(
+      modalities=MODS[:2], skip=skip, gate=gate, scale_dim=scale, mmhid=mmhid,
+      **SMALL_ENC).init(jax.random.key(0), inputs, presence, train=False))
+  assert shapes["params"]["fusion"]["encoder2"]["kernel"].shape == (
+      (mmhid + 2 * SMALL_ENC["embed_dim"] if skip else mmhid), mmhid)
 
 def test_interface_errors():
   inputs, presence = _batch()

@@ -338,14 +338,26 @@ class GatedKroneckerFusion(nn.Module):
   """Gated Kronecker-product fusion (Pathomic Fusion / PORPOISE BilinearFusion).
 
   As PORPOISE's ``BilinearFusion`` (mahmoodlab/PORPOISE
+  ``models/model_utils.py``, used by ``PorpoiseMMF`` in
   ``models/model_porpoise.py``): per modality i, ``h_i = ReLU(Dense(s)(v_i))``;
   with gating ``z_i = Dense(s)([v_1; ...; v_M])`` and
   ``o_i = Dropout(ReLU(Dense(s)(sigmoid(z_i) * h_i)))``, without gating
-  ``o_i = Dropout(ReLU(Dense(s)(h_i)))``.
-  Each ``o_i`` gets a constant 1 appended and the outer product over all
-  modalities is flattened (``(s+1)^M``; 33 x 33 = 1089 for PORPOISE) ->
-  Dropout -> ``Dense(mmhid) -> ReLU``; with ``skip``,
-  ``[out; v_1; ...; v_M] -> Dense(mmhid) -> ReLU``.
+  ``o_i = Dropout(ReLU(Dense(s)(h_i)))``. Then::
+
+    p   = flatten([o_1; 1] x ... x [o_M; 1])        # (s+1)^M; 33 x 33 = 1089
+    e   = Dropout(ReLU(encoder1(Dropout(p))))       # Dense(mmhid)
+    e   = [e; v_1; ...; v_M]                        # only with skip
+    out = Dropout(ReLU(encoder2(e)))                # Dense(mmhid)
+
+  ``encoder2`` is applied with and without ``skip``: its input width is
+  ``mmhid + sum_i d_i`` with ``skip`` and ``mmhid`` without (PORPOISE:
+  ``Linear(256 + skip_dim, mmhid)``, ``skip_dim = 0`` without skip). Earlier
+  versions of this module applied ``encoder2`` only with ``skip`` and had no
+  dropout after ``encoder1`` and ``encoder2``; ``skip=False`` therefore
+  lacked one ``Dense(mmhid) -> ReLU`` layer (``mmhid * (mmhid + 1)``
+  parameters) compared with PORPOISE. Parameter names are unchanged. One
+  difference remains: PORPOISE fixes ``encoder1``'s width at 256 whatever
+  ``mmhid`` is; here it is ``mmhid`` (the same for PORPOISE's mmhid 256).
 
   More than 2 modalities: the full M-way outer product (Pathomic Fusion's
   trimodal tensor fusion). Its width ``(s+1)^M`` grows fast; a ValueError is
@@ -360,18 +372,21 @@ class GatedKroneckerFusion(nn.Module):
 
   Attributes:
     scale_dim: s, per-modality gated width (256 / 8 = 32 in PORPOISE).
-    mmhid: fused width (256).
+    mmhid: fused width (256), the output width of ``encoder1`` and
+      ``encoder2``.
     gate: use the sigmoid gate (PORPOISE class default True; its CLI default
       is False).
-    skip: skip connection from the embeddings (class default True; CLI False).
-    dropout_rate: dropout on ``o_i`` and on the product (0.25).
+    skip: concatenate the embeddings to ``encoder1``'s output before
+      ``encoder2`` (class default True; CLI False).
+    dropout_rate: dropout on ``o_i``, on the product and after ``encoder1``
+      and ``encoder2`` (0.25).
     max_product_dim: refuse larger outer products.
   """
   scale_dim: int = 32  # Gated width per modality.
   mmhid: int = 256  # Fused width.
   gate: bool = True  # Sigmoid gate per modality.
-  skip: bool = True  # Concatenate embeddings after the product.
-  dropout_rate: float = 0.25  # Dropout on o_i and the product.
+  skip: bool = True  # Concatenate embeddings before encoder2.
+  dropout_rate: float = 0.25  # Dropout on o_i, the product, encoder1/2.
   max_product_dim: int = 1 << 16  # Largest allowed (s+1)^M.
 
   @nn.compact
@@ -410,19 +425,24 @@ class GatedKroneckerFusion(nn.Module):
         h = nn.sigmoid(z) * h
       o = nn.relu(nn.Dense(self.scale_dim, kernel_init=xavier_normal,
                            name=f"o{i}")(h))
-      o = nn.Dropout(self.dropout_rate)(o, deterministic=not train)
+      o = nn.Dropout(self.dropout_rate, name=f"o{i}_dropout")(
+          o, deterministic=not train)
       o = jnp.where(present[:, i:i + 1], o, 0.0)
       o = jnp.concatenate([o, jnp.ones((batch, 1), o.dtype)], axis=-1)
       prod = o if prod is None else (
           prod[:, :, None] * o[:, None, :]).reshape(batch, -1)
-    out = nn.Dropout(self.dropout_rate)(prod, deterministic=not train)
+    out = nn.Dropout(self.dropout_rate, name="post_fusion_dropout")(
+        prod, deterministic=not train)
     out = nn.relu(nn.Dense(self.mmhid, kernel_init=xavier_normal,
                            name="encoder1")(out))
+    out = nn.Dropout(self.dropout_rate, name="encoder1_dropout")(
+        out, deterministic=not train)
     if self.skip:
-      out = nn.relu(nn.Dense(self.mmhid, kernel_init=xavier_normal,
-                             name="encoder2")(
-                                 jnp.concatenate([out, v_all], axis=-1)))
-    return out
+      out = jnp.concatenate([out, v_all], axis=-1)
+    out = nn.relu(nn.Dense(self.mmhid, kernel_init=xavier_normal,
+                           name="encoder2")(out))
+    return nn.Dropout(self.dropout_rate, name="encoder2_dropout")(
+        out, deterministic=not train)
 
 
 class _ConcatMLP(nn.Module):
