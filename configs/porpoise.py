@@ -10,9 +10,8 @@ PAM50 bags), wsi=pam50|noise, loss=nll|cox, fold=K, local, fusion=concat
 (PORPOISE's concatenation variant instead of the gated bilinear fusion).
 
 Expected results (2 CPU cores, 2026-12-01, ``python -m jaxsurv.cv table``,
-5 folds): test C 0.748 ± 0.087 on clinical + RNA and 0.656 ± 0.113 on RNA +
-WSI bags (before the encoder2 fix of GatedKroneckerFusion; see
-benchmarks/RESULTS.md for the rerun).
+5 folds, with PORPOISE's encoder2 path): test C 0.752 ± 0.078 on clinical +
+RNA and 0.679 ± 0.087 on RNA + WSI bags (Coxnet 0.774 on clinical + RNA).
 
 Paper settings (mahmoodlab/PORPOISE, ``models/model_porpoise.py`` and
 ``utils/core_utils.py``): WSI branch
