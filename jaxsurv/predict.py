@@ -301,6 +301,17 @@ def load_run(workdir: PathLike) -> TrainedRun:
     raise RunLoadError(f"{workdir}: run folder not found")
   config_path = workdir / "config.json"
   config = ml_collections.ConfigDict(_read_json(config_path, "training config"))
+  model_cfg = config.get("model", {})
+  if (config.get("trainer", "train") == "train" and "name" not in model_cfg
+      and "modalities" in model_cfg):
+    # An MMNN run made before the one config schema (jaxsurv <= 6d0ca36): its
+    # modalities sat in config.model and config.trainer (default "train")
+    # named the loop.
+    config.data.modalities = config.model.modalities
+    del config.model["modalities"]
+    if "trainer" in config:
+      del config["trainer"]
+    config.model.name = "mmnn"
   name = config.get("model", {}).get("name")
   if name != "mmnn":
     raise RunLoadError(f"{config_path}: model {name!r}; load_run handles MMNN runs (fusion "

@@ -282,8 +282,17 @@ def test_cli_documented_commands(captured, tmp_path, capsys):
   assert healnet.config.num_epochs == 10  # The local variant.
   assert kw["resume"] and kw["folds"] is None and kw["cache"].n_folds == 5
   assert kw["coxnet_kwargs"] == {"l1_ratio": 0.5}
-  # The compilation cache honours $JAXSURV_CACHE.
-  assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "jax_compilation_cache")
+  # Every command's compilation cache (jaxsurv.cli.run) honours $JAXSURV_CACHE; off on request.
+  from jaxsurv import cli
+  folder = cli.setup_compilation_cache(True)
+  assert folder == tmp_path / "cache" / "jax_compilation_cache" and folder.is_dir()
+  assert jax.config.jax_compilation_cache_dir == str(folder)
+  enabled = jax.config.jax_enable_compilation_cache
+  try:
+    assert cli.setup_compilation_cache(False) is None
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
 
   assert cv.main(["table", "--config=configs/healnet.py:local", "--config.num_epochs=3",
                   "--set", "optimizer.lr=0.01", "--folds=0,1", "--no-resume", "--n-folds", "3",

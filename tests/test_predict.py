@@ -246,6 +246,13 @@ def test_checkpoint_from_another_model_or_a_broken_run(trained, tmp_path):
   _edit_json(other / "config.json", lambda d: d["model"].update(name="healnet"))
   with pytest.raises(predict.RunLoadError, match="model 'healnet'; load_run handles MMNN runs"):
     predict.load_run(other)
+  other = copy("old_schema")  # A run's config.json from before the one config schema.
+
+  def old_schema(d):
+    d["model"]["modalities"] = d["data"].pop("modalities")
+    del d["model"]["name"]
+  _edit_json(other / "config.json", old_schema)
+  assert predict.load_run(other).heads == ("mm", "image", "clinical")
   other = copy("fingerprint")
   _edit_json(other / "preprocess.json", lambda d: d.update(fingerprint="0123456789abcdef"))
   with pytest.raises(predict.RunLoadError, match="MRI pipeline changed since training"):

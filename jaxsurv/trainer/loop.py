@@ -141,7 +141,9 @@ def checkpoint_manager(directory: pathlib.Path, *, create: bool = True) -> ocp.C
   """
   directory = pathlib.Path(directory).absolute()
   from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
-  metric = lambda m: m["new_best"]
+  # Runs of the earlier MMNN loop (jaxsurv <= 6d0ca36) recorded "val_loss"
+  # (lower is better, as here): predict still finds their best checkpoint.
+  metric = lambda m: m["new_best"] if "new_best" in m else m["val_loss"]
   options = ocp.CheckpointManagerOptions(
       best_fn=metric, best_mode="min", create=create,
       preservation_policy=pp.AnyPreservationPolicy(
@@ -380,6 +382,9 @@ class Trainer:
     try:
       if mngr is not None and mngr.latest_step() is not None:
         state, meta = restore(mngr, mngr.latest_step(), state, self.repl)
+        if "best_epoch" not in meta:
+          raise UserError(f"{mngr.directory} was written by an earlier jaxsurv training loop "
+                          "and cannot be resumed by this one; train into a new --workdir")
         start_epoch = resumed_from = meta["epoch"] + 1
         history = meta["history"]
         best_epoch, best_score = meta["best_epoch"], meta["best_score"]
