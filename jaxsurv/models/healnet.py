@@ -6,10 +6,9 @@ re-implemented from the paper and from the behaviour of the authors'
 released code, konst-int-i/healnet v0.1.0 ("the peer" below; its model is
 ``healnet/models/healnet.py``; no peer code copied).
 
-A learned latent array ``S`` ``[num_latents, latent_dim]`` (standard normal
-init as the peer's ``HealNet.__init__``; the paper's Algorithm 1, Appendix
-A, says U(0, 1)) is broadcast over the batch and updated once per layer and
-modality (paper Algorithm 2; peer ``HealNet.forward``)::
+A learned latent array ``S`` ``[num_latents, latent_dim]`` (initial values
+set by ``latent_init``, see below) is broadcast over the batch and updated
+once per layer and modality (paper Algorithm 2; peer ``HealNet.forward``)::
 
   for layer in range(depth):
     for m in modalities:
@@ -87,6 +86,18 @@ Weight sharing (``weight_sharing``; peer ``cache_fn`` and
   cache key makes it shared across modalities, ``HealNet.__init__``, an
   accident).
 
+Latent initialisation (``latent_init``): the starting values of the
+learned latent array ``S_0`` (a parameter, trained like every other):
+
+* ``"normal"`` (default): N(0, 1), as the peer's ``HealNet.__init__``
+  (``nn.Parameter(torch.randn(l_c, l_d))``); the default, so runs made before
+  this option existed initialise bit for bit as they did;
+* ``"uniform"``: U(0, 1) (values in [0, 1), mean 0.5), as the paper's
+  Algorithm 1, line 1 (Appendix A: ``S_0[i, j] ~ U(0, 1)``).
+
+Only the initial latents differ; every other parameter draws the same values
+from the same rng in both cases.
+
 Early fusion (``early_fusion=True``; the paper's "Early Fusion" baseline
 restricted to what can be concatenated): all tabular modalities are
 concatenated into ONE tabular modality named ``"early_fusion"`` (missing
@@ -114,6 +125,7 @@ EARLY_FUSION_NAME = "early_fusion"
 WEIGHT_SHARING = ("none", "all", "perceiver")
 TABULAR_TOKENS = ("vector", "features")
 BAG_TOKENS = ("tiles", "channels")
+LATENT_INITS = ("normal", "uniform")
 
 # Released per-cohort hyperparameters (konst-int-i/healnet v0.1.0,
 # config/best_hyperparams.yml). Shared by all four:
@@ -415,6 +427,8 @@ class HEALNet(nn.Module):
       ``inputs[name + "_positions"]`` ``[batch, n_tiles, n_axes]`` (in [-1, 1])
       are Fourier-encoded (``bag_tokens="tiles"`` only).
     early_fusion: concatenate all tabular modalities into one first.
+    latent_init: initial latent array, ``"normal"`` N(0, 1) (the peer's;
+      default) or ``"uniform"`` U(0, 1) (the paper's Algorithm 1).
     return_attention: what ``aux["attention"]`` holds: ``"heads"`` the full
       maps, ``"mean"`` the mean over heads and latents ``[batch, n_tokens]``
       (what the paper's Figure 3 averages; much smaller for large bags),
@@ -451,6 +465,7 @@ class HEALNet(nn.Module):
   bag_tokens: str = "tiles"  # "tiles" or "channels" (peer's TCGA code).
   spatial_axes: Sequence = ()  # (bag name, n_axes) with positions input.
   early_fusion: bool = False  # Concatenate tabular modalities first.
+  latent_init: str = "normal"  # "normal" N(0, 1) (peer) or "uniform" U(0, 1).
   return_attention: str = "heads"  # "heads", "mean" or "none" (see aux).
 
   def __post_init__(self):
@@ -464,6 +479,7 @@ class HEALNet(nn.Module):
     checks = [("weight_sharing", self.weight_sharing, WEIGHT_SHARING),
               ("tabular_tokens", self.tabular_tokens, TABULAR_TOKENS),
               ("bag_tokens", self.bag_tokens, BAG_TOKENS),
+              ("latent_init", self.latent_init, LATENT_INITS),
               ("return_attention", self.return_attention,
                ("heads", "mean", "none"))]
     for field, value, allowed in checks:
@@ -563,7 +579,10 @@ class HEALNet(nn.Module):
       tokens[name] = self._tokens(name, kind, data[name], masks.get(name),
                                   inputs)
 
-    latents = self.param("latents", nn.initializers.normal(1.0),
+    # N(0, 1) (peer) or U(0, 1) (paper Algorithm 1); same rng either way.
+    latent_init = (nn.initializers.normal(1.0) if self.latent_init == "normal"
+                   else nn.initializers.uniform(1.0))
+    latents = self.param("latents", latent_init,
                          (self.num_latents, self.latent_dim), jnp.float32)
     batch = next(iter(data.values())).shape[0]
     x = jnp.broadcast_to(latents, (batch, *latents.shape))
