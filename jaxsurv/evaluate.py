@@ -10,11 +10,9 @@ training split's risks (``jaxsurv.survival.BreslowBaseline``).
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from jaxsurv import metrics, survival
 from jaxsurv.io import pyplot, save_png_atomic

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from jaxsurv import io as io_lib
-from jaxsurv import attention, evaluate, survival
+from jaxsurv import attention, survival
 from jaxsurv.data import bags as bags_lib
 from jaxsurv.data import multimodal
 from jaxsurv.errors import UserError

@@ -59,7 +59,7 @@ from jaxsurv import io as io_lib
 from jaxsurv import attention, evaluate, metrics, survival, tasks
 from jaxsurv.data import multimodal
 from jaxsurv.data import splits as splits_lib
-from jaxsurv.errors import TrainingError, UserError  # pylint: disable=unused-import
+from jaxsurv.errors import UserError
 from jaxsurv.models import fusion as fusion_lib
 from jaxsurv.models import healnet as healnet_lib
 from jaxsurv.models import registry

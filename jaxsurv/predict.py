@@ -223,9 +223,9 @@ def _tree_differences(expected: Mapping, found: Mapping, limit: int = 12) -> lis
 
 
 def _checkpoint_manager(directory: pathlib.Path):
-  """Read access to ``jaxsurv.train``'s checkpoints, with the same best-step rule."""
-  from jaxsurv import train  # pylint: disable=import-outside-toplevel
-  return train.checkpoint_manager(directory, create=False)
+  """Read access to a run's checkpoints (the shared trainer's manager, same best-step rule)."""
+  from jaxsurv.trainer import loop  # pylint: disable=import-outside-toplevel
+  return loop.checkpoint_manager(directory, create=False)
 
 
 def _restore_best(workdir: pathlib.Path, expected: Mapping[str, Any], config_path: pathlib.Path):

@@ -50,8 +50,7 @@ from jaxsurv.data import splits as splits_lib
 from jaxsurv.errors import TrainingError, UserError  # pylint: disable=unused-import
 from jaxsurv.models import MMNN, registry
 from jaxsurv.trainer import loop
-from jaxsurv.trainer.loop import checkpoint_manager  # pylint: disable=unused-import
-from jaxsurv.trainer.step import TrainState, variables  # pylint: disable=unused-import
+from jaxsurv.trainer.step import variables
 
 log = logging.getLogger("jaxsurv")
 
