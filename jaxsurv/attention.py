@@ -16,7 +16,16 @@ What each model exposes (``jaxsurv.fusion_train.predict_fn``):
 ``attention_tables`` turns these into CSV tables (one row per patient; bags
 summarised: number of tiles, max weight, top tile, entropy, effective number
 of tiles), ``tile_weight_table`` into a long table with one row per real
-tile, and ``write_attention_plots`` draws them (matplotlib, Agg backend):
+tile, and ``write_attention_plots`` draws them (matplotlib, Agg backend).
+
+HEALNet's inspection (Hemker et al., "Inspections and explanations" and
+Fig. 3: "the mean modality-specific attention weights across layers ... to
+inspect high-attention omic features" and the highest-attention patches):
+``top_features`` lists each patient's highest-attention features,
+``top_tiles`` each patient's highest-attention tiles, ``feature_ranking``
+ranks a modality's features by their mean attention over a part's patients,
+and ``ranking_stability`` compares the rankings of the cross-validation
+folds (overlap of their top-k sets). The plots:
 
 * ``<table>_features.png``: the features with the highest mean attention
   over the patients (bars, with the interquartile range), and a
@@ -111,6 +120,137 @@ def attention_tables(parts: Mapping[str, dict], modalities, feature_names: Mappi
   return tables
 
 
+def top_features(table: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+  """Each patient's ``k`` highest-attention features (Fig. 3, per patient).
+
+  Args:
+    table: a ``healnet_attention_<m>.csv`` table of a per-feature tabular
+      modality (``patient_id, split`` and one weight column per feature).
+    k: features per patient (all if fewer).
+
+  Returns:
+    Long table ``patient_id, split, rank`` (0 = highest), ``feature``,
+    ``weight``; ties keep the column order. Patients whose weights are all 0
+    (the modality was missing for them) have no rows.
+
+  Raises:
+    ValueError: the table has no feature columns, or ``k < 1``.
+  """
+  feats = _feature_columns(table)
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  w = table[feats].to_numpy(np.float64)
+  order = np.argsort(-w, axis=1, kind="stable")[:, :k]
+  rows = []
+  for i, present in enumerate(w.sum(axis=1) > 0):
+    if not present:
+      continue
+    for r, j in enumerate(order[i]):
+      rows.append((table["patient_id"].iloc[i], table["split"].iloc[i], r, feats[j], w[i, j]))
+  return pd.DataFrame(rows, columns=["patient_id", "split", "rank", "feature", "weight"])
+
+
+def top_tiles(tiles: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+  """Each patient's ``k`` highest-attention tiles (Fig. 3's patches).
+
+  Args:
+    tiles: ``tile_weight_table`` output.
+    k: tiles per patient.
+
+  Returns:
+    The rows of ``tiles`` with ``rank < k``, by patient and rank.
+  """
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  top = tiles[tiles["rank"] < k]
+  return top.sort_values(["split", "patient_id", "rank"], kind="stable").reset_index(drop=True)
+
+
+def _feature_columns(table: pd.DataFrame) -> list[str]:
+  feats = [c for c in table.columns if c not in ID_COLUMNS]
+  if not feats:
+    raise ValueError("the attention table has no feature columns")
+  return feats
+
+
+def feature_ranking(table: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
+  """Features ranked by mean attention over the patients who have the modality.
+
+  Args:
+    table: a ``healnet_attention_<m>.csv`` table (per-feature tokens).
+    split: average over this part's patients only (``"test"``), or all.
+
+  Returns:
+    ``feature, mean_attention, rank`` (0 = highest; ties keep the column
+    order), ``n_patients``; sorted by rank.
+
+  Raises:
+    ValueError: no feature columns, or no patient with the modality in
+      ``split``.
+  """
+  feats = _feature_columns(table)
+  sel = table if split is None else table[table["split"] == split]
+  w = sel[feats].to_numpy(np.float64)
+  w = w[w.sum(axis=1) > 0]
+  if len(w) == 0:
+    raise ValueError(f"no patient with attention weights in split {split!r}")
+  mean = w.mean(axis=0)
+  order = np.argsort(-mean, kind="stable")
+  return pd.DataFrame({"feature": [feats[j] for j in order], "mean_attention": mean[order],
+                       "rank": np.arange(len(feats)), "n_patients": len(w)})
+
+
+def ranking_stability(rankings: Mapping, top_k: int = 20) -> tuple[pd.DataFrame, dict]:
+  """Agreement of the feature rankings of several folds (or seeds).
+
+  Args:
+    rankings: ``{fold: feature_ranking output}``, at least two, over the same
+      features.
+    top_k: size of the top sets compared (at most the number of features).
+
+  Returns:
+    ``(combined, summary)``. ``combined``: one row per feature with
+    ``mean_attention`` (mean over folds of the fold's mean attention),
+    ``mean_rank``, ``top_k_folds`` (folds that put it in their top k) and
+    ``rank_<fold>`` per fold, sorted by ``mean_attention``. ``summary``:
+    ``top_k``, ``n_folds``, ``n_features``, ``pairwise_overlap`` (``{"a-b":
+    |top_a & top_b| / k}``), its ``mean_overlap`` and ``min_overlap``, and
+    ``chance_overlap`` = ``k / n_features`` (the expected overlap of two
+    random top-k sets), and ``in_all_folds`` (features in every fold's top k).
+
+  Raises:
+    ValueError: fewer than two rankings, different feature sets, or
+      ``top_k`` out of range.
+  """
+  folds = list(rankings)
+  if len(folds) < 2:
+    raise ValueError(f"ranking stability needs >= 2 rankings, got {len(folds)}")
+  feats = sorted(rankings[folds[0]]["feature"])
+  for f in folds[1:]:
+    if sorted(rankings[f]["feature"]) != feats:
+      raise ValueError(f"ranking of fold {f} has other features than fold {folds[0]}")
+  if not 1 <= top_k <= len(feats):
+    raise ValueError(f"top_k must be in [1, {len(feats)}], got {top_k}")
+  by = {f: rankings[f].set_index("feature") for f in folds}
+  tops = {f: set(by[f].index[by[f]["rank"] < top_k]) for f in folds}
+  combined = pd.DataFrame({"feature": feats})
+  for f in folds:
+    combined[f"rank_{f}"] = by[f].loc[feats, "rank"].to_numpy()
+  att = np.stack([by[f].loc[feats, "mean_attention"].to_numpy(np.float64) for f in folds])
+  combined.insert(1, "mean_attention", att.mean(axis=0))
+  combined.insert(2, "mean_rank", combined[[f"rank_{f}" for f in folds]].mean(axis=1))
+  combined.insert(3, "top_k_folds", [sum(x in tops[f] for f in folds) for x in feats])
+  combined = combined.sort_values("mean_attention", ascending=False, kind="stable")
+  pairs = {f"{a}-{b}": len(tops[a] & tops[b]) / top_k
+           for i, a in enumerate(folds) for b in folds[i + 1:]}
+  summary = {"top_k": top_k, "n_folds": len(folds), "n_features": len(feats),
+             "pairwise_overlap": pairs, "mean_overlap": float(np.mean(list(pairs.values()))),
+             "min_overlap": float(min(pairs.values())),
+             "chance_overlap": top_k / len(feats),
+             "in_all_folds": [x for x in combined["feature"] if all(x in tops[f] for f in folds)]}
+  return combined.reset_index(drop=True), summary
+
+
 def tile_weight_table(parts: Mapping[str, dict], key: str, modality: str) -> pd.DataFrame:
   """Long table of the tile weights of one bag modality: one row per real tile.
 
@@ -166,9 +306,10 @@ def plot_feature_attention(path, table: pd.DataFrame, *, title: str, top_k: int 
   Raises:
     ValueError: the table has no feature columns.
   """
-  feats = [c for c in table.columns if c not in ID_COLUMNS]
-  if not feats:
-    raise ValueError(f"{title}: the attention table has no feature columns")
+  try:
+    feats = _feature_columns(table)
+  except ValueError as e:
+    raise ValueError(f"{title}: {e}") from None
   w = table[feats].to_numpy(np.float64)
   order = np.argsort(-w.mean(axis=0), kind="stable")[:top_k]
   top = [feats[j] for j in order]
@@ -274,8 +415,12 @@ def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
 
   Returns:
     The written file names: the ``attention_tables`` CSVs, one
-    ``<key>_tiles_<m>.csv`` per bag modality with tile weights, and the PNGs
-    described in the module docstring.
+    ``<key>_tiles_<m>.csv`` per bag modality with tile weights, the PNGs
+    described in the module docstring and, for HEALNet, per tabular
+    modality with per-feature tokens ``healnet_top_features_<m>.csv``
+    (:func:`top_features`) and ``healnet_feature_ranking_<m>_<part>.csv``
+    per part (:func:`feature_ranking`), per bag modality
+    ``healnet_top_tiles_<m>.csv`` (:func:`top_tiles`).
   """
   workdir = pathlib.Path(workdir)
   kinds = dict(modalities)
@@ -293,7 +438,16 @@ def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
       if kinds.get(m) != "bag" and n_tokens > 1:
         plot_feature_attention(workdir / f"{stem}_features.png", df,
                                title=f"HEALNet cross-attention over {m} features")
-        written.append(f"{stem}_features.png")
+        io_lib.write_csv_atomic(top_features(df), workdir / f"healnet_top_features_{m}.csv")
+        written += [f"{stem}_features.png", f"healnet_top_features_{m}.csv"]
+        for split in dict.fromkeys(df["split"]):
+          try:
+            ranking = feature_ranking(df, split)
+          except ValueError:  # No patient of this part has the modality.
+            continue
+          name = f"healnet_feature_ranking_{m}_{split}.csv"
+          io_lib.write_csv_atomic(ranking, workdir / name)
+          written.append(name)
   for key, label in (("healnet_attention", "HEALNet"), ("mil_attention", "attention-MIL")):
     for m, kind in modalities:
       if kind != "bag":
@@ -305,4 +459,7 @@ def write_attention_reports(workdir, parts: Mapping[str, dict], modalities,
       plot_tile_weights(workdir / f"{key}_tiles_{m}.png", tiles,
                         title=f"{label} tile weights ({m})")
       written += [f"{key}_tiles_{m}.csv", f"{key}_tiles_{m}.png"]
+      if key == "healnet_attention":
+        io_lib.write_csv_atomic(top_tiles(tiles), workdir / f"healnet_top_tiles_{m}.csv")
+        written.append(f"healnet_top_tiles_{m}.csv")
   return written

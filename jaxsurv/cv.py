@@ -34,11 +34,14 @@ Commands (run from the repository root)::
       --out=runs/cv_wsi
   python -m jaxsurv.cv missing --out=runs/missing
 
-Entries are ``model@modalities`` (models: ``fusion_train.MODEL_NAMES`` and
-``coxnet``; modalities '+'-joined from clinical, rna, mirna, methylation,
-wsi); each uses ``configs/<model>.py`` (HEALNet, CM-MMF, PORPOISE) or
-``configs/fusion.py:model=<model>``, in the CPU-sized ``local`` variant
-unless ``--paper``. ``--set key=value`` overrides a config field for every
+Entries are ``model[:variant]@modalities`` (models:
+``fusion_train.MODEL_NAMES`` and ``coxnet``; modalities '+'-joined from
+clinical, rna, mirna, methylation, wsi); each uses ``configs/<model>.py``
+(HEALNet, CM-MMF, PORPOISE) or ``configs/fusion.py:model=<model>``, in the
+CPU-sized ``local`` variant unless ``--paper``, or in the named variant of a
+config file that declares ``VARIANTS`` (``healnet:paper@clinical+rna``,
+``healnet:released@clinical+rna``: the rows "HEALNet (paper)" and "HEALNet
+(released)"; ``--models`` of ``missing`` takes the same names). ``--set key=value`` overrides a config field for every
 entry (e.g. ``--set num_epochs=10``; repeatable), parsed as
 ``--config.key=value`` would be (``ml_collections.config_flags``: by the
 field's type). ``table --config=FILE.py[:arg]`` runs one config file as an
@@ -77,15 +80,20 @@ log = logging.getLogger("jaxsurv")
 
 # The default `table` entries: the brief's list (unimodal clinical and RNA,
 # concatenation, CM-MMF, HEALNet, PORPOISE and Coxnet on clinical + RNA).
+# HEALNet appears three times: ``local`` (CPU-tuned), the authors' released
+# settings and the paper's (configs/healnet.py).
 TABLE_ENTRIES = (
     "unimodal@clinical", "unimodal@rna", "concat@clinical+rna", "cmmmf@clinical+rna",
-    "healnet@clinical+rna", "porpoise@clinical+rna",
+    "healnet@clinical+rna", "healnet:released@clinical+rna", "healnet:paper@clinical+rna",
+    "porpoise@clinical+rna",
     "coxnet@clinical", "coxnet@rna", "coxnet@clinical+rna",
 )
 # Added by --with-wsi: the synthetic PAM50-driven WSI bags.
-WSI_ENTRIES = ("cmmmf@clinical+rna+wsi", "healnet@clinical+rna+wsi", "porpoise@rna+wsi",
-               "unimodal@wsi", "coxnet@clinical+rna+wsi")
-MISSING_MODELS = ("healnet", "cmmmf", "concat", "mean", "porpoise", "early_fusion")
+WSI_ENTRIES = ("cmmmf@clinical+rna+wsi", "healnet@clinical+rna+wsi",
+               "healnet:released@clinical+rna+wsi", "healnet:paper@clinical+rna+wsi",
+               "porpoise@rna+wsi", "unimodal@wsi", "coxnet@clinical+rna+wsi")
+MISSING_MODELS = ("healnet", "healnet:released", "healnet:paper", "cmmmf", "concat", "mean",
+                  "porpoise", "early_fusion")
 COXNET = "coxnet"
 
 # Row labels and fusion designs (CM-MMF Table 1 style).
@@ -101,6 +109,19 @@ MODEL_LABELS = {
     COXNET: ("Coxnet", "Elastic-net Cox (sksurv)", "Concatenated features"),
     "late_unimodal": ("Unimodal late fusion", "SNN per modality", "Mean risk of present"),
 }
+
+
+def split_variant(name: str) -> tuple[str, str]:
+  """``"healnet:paper"`` -> ``("healnet", "paper")``; ``"concat"`` -> ``("concat", "")``."""
+  model, _, variant = name.partition(":")
+  return model, variant
+
+
+def model_label(name: str) -> tuple[str, str, str]:
+  """``(row label, backbone, fusion)`` of a table model name, e.g. ``"HEALNet (paper)"``."""
+  model, variant = split_variant(name)
+  label, backbone, fusion = MODEL_LABELS.get(model, (model, "", ""))
+  return (f"{label} ({variant})" if variant else label), backbone, fusion
 
 
 # ----------------------------------------------------------------------------
@@ -166,14 +187,18 @@ def _config_module(name: str):
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """One row/column cell of the table: a model on a modality set."""
+  """One row/column cell of the table: a model on a modality set.
+
+  ``model`` is the table's model name: a model of ``fusion_train.MODEL_NAMES``
+  or ``coxnet``, optionally with a config variant (``"healnet:paper"``).
+  """
   model: str
   modalities: str  # '+'-joined, e.g. "clinical+rna+wsi"
   config: Any = None  # ml_collections.ConfigDict (None for Coxnet)
 
   @property
   def key(self) -> str:
-    return f"{self.model}__{self.modalities.replace('+', '-')}"
+    return f"{self.model.replace(':', '-')}__{self.modalities.replace('+', '-')}"
 
 
 def modality_label(config) -> str:
@@ -190,14 +215,26 @@ OWN_CONFIGS = ("healnet", "cmmmf", "porpoise")
 
 def entry_config(model: str, modalities: str, *, paper: bool = False,
                  overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The config of ``model@modalities``: ``configs/<model>.py`` (HEALNet, CM-MMF,
-  PORPOISE) or ``configs/fusion.py:model=<model>``, local unless ``paper``.
+  """The config of ``model[:variant]@modalities``.
+
+  ``configs/<model>.py`` (HEALNet, CM-MMF, PORPOISE) or
+  ``configs/fusion.py:model=<model>``: the named variant if ``model`` has one
+  (``"healnet:paper"``; the config file must list it in ``VARIANTS``), else
+  ``local`` unless ``paper``.
 
   Raises:
-    UserError: bad modalities (the config's ``get_config`` rejects them) or a
-      bad override (:func:`apply_overrides`).
+    UserError: an unknown variant, bad modalities (the config's
+      ``get_config`` rejects them) or a bad override (:func:`apply_overrides`).
   """
-  variant = "" if paper else ",local"
+  model, named = split_variant(model)
+  if named:
+    known = getattr(_config_module(model), "VARIANTS", ()) if model in OWN_CONFIGS else ()
+    if named not in known:
+      raise UserError(f"{model}:{named}@{modalities}: unknown variant {named!r}; "
+                      f"configs/{model}.py has {tuple(known) or 'none'}")
+    variant = f",{named}"
+  else:
+    variant = "" if paper else ",local"
   if model in OWN_CONFIGS:
     module, arg = _config_module(model), f"modalities={modalities}{variant}"
   else:
@@ -225,7 +262,7 @@ def parse_entries(specs: Sequence[str], *, paper: bool = False,
     if model == COXNET:
       out.append(Entry(model, mods, None))
       continue
-    if model not in ft.MODEL_NAMES:
+    if split_variant(model)[0] not in ft.MODEL_NAMES:
       raise UserError(f"entry {spec!r}: unknown model {model!r}; known: "
                       f"{ft.MODEL_NAMES + (COXNET,)}")
     out.append(Entry(model, mods, entry_config(model, mods, paper=paper, overrides=overrides)))
@@ -417,7 +454,7 @@ def run_table(entries: Sequence[Entry], out: str | pathlib.Path, *,
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   cache = cache or CohortCache()
-  rows = []
+  rows, stability = [], []
   first = cache.cohort(entries[0].config if entries[0].config is not None
                        else entries[0].modalities)
   all_folds = cache.folds(first)
@@ -450,10 +487,65 @@ def run_table(entries: Sequence[Entry], out: str | pathlib.Path, *,
       rows.append(_row(entry, k, res))
       bar.update(1)
       pd.DataFrame(rows).to_csv(out / "folds.csv", index=False)
+    if entry.model != COXNET:
+      stability += attention_stability(out, entry, fold_ids)
   bar.close()
   df = pd.DataFrame(rows)
-  write_table(df, out)
+  write_table(df, out, stability=pd.DataFrame(stability))
   return df
+
+
+# Top-k size of the fold-stability comparison: 20 (HEALNet Fig. 3 scale) or a
+# quarter of the modality's features when it has fewer than 80.
+STABILITY_TOP_K = 20
+
+
+def stability_top_k(n_features: int) -> int:
+  """``min(20, max(1, n_features // 4))``: the top-k compared between folds."""
+  return min(STABILITY_TOP_K, max(1, n_features // 4))
+
+
+def attention_stability(out: pathlib.Path, entry: Entry, fold_ids: Sequence[int]) -> list[dict]:
+  """HEALNet per-feature attention ranking across the folds of one entry.
+
+  Reads each fold's ``healnet_feature_ranking_<m>_test.csv`` (written by
+  ``attention.write_attention_reports`` for per-feature tokens: features
+  ranked by mean attention over the fold's test patients), and writes, for
+  every modality ranked in at least two folds,
+  ``attention/<entry>/feature_ranking_<m>.csv`` (the combined ranking of
+  ``attention.ranking_stability``) and ``stability_<m>.json`` (the pairwise
+  top-k overlaps, their mean and minimum, and the chance level k / features).
+
+  Returns:
+    One summary row per modality ranked (empty for models without
+    per-feature attention).
+  """
+  from jaxsurv import attention as attention_lib
+  prefix, suffix = "healnet_feature_ranking_", "_test.csv"
+  found: dict = {}
+  for k in fold_ids:
+    wd = out / "runs" / entry.key / f"fold{k}"
+    for f in sorted(wd.glob(f"{prefix}*{suffix}")):
+      found.setdefault(f.name[len(prefix):-len(suffix)], {})[k] = pd.read_csv(f)
+  rows = []
+  for m, rankings in found.items():
+    if len(rankings) < 2:
+      continue
+    n = len(next(iter(rankings.values())))
+    combined, summary = attention_lib.ranking_stability(rankings, top_k=stability_top_k(n))
+    dest = out / "attention" / entry.key
+    dest.mkdir(parents=True, exist_ok=True)
+    io_lib.write_csv_atomic(combined, dest / f"feature_ranking_{m}.csv")
+    io_lib.write_json_atomic(summary, dest / f"stability_{m}.json")
+    top = ", ".join(combined["feature"].astype(str).head(5))
+    rows.append({"Model": model_label(entry.model)[0], "modalities": entry.modalities,
+                 "attention over": m, "features": n, "top k": summary["top_k"],
+                 "mean overlap": f"{summary['mean_overlap']:.2f}",
+                 "min overlap": f"{summary['min_overlap']:.2f}",
+                 "chance": f"{summary['chance_overlap']:.2f}",
+                 "in every fold's top k": len(summary["in_all_folds"]),
+                 "highest mean attention": top})
+  return rows
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -474,7 +566,7 @@ def summary_table(df: pd.DataFrame, value: str = "test_cindex") -> pd.DataFrame:
   mods = list(dict.fromkeys(df["modalities"]))
   rows = []
   for m in models:
-    label, backbone, fusion = MODEL_LABELS.get(m, (m, "", ""))
+    label, backbone, fusion = model_label(m)
     row = {"Model": label, "Backbone": backbone, "Fusion": fusion}
     for s in mods:
       sel = df[(df["model"] == m) & (df["modalities"] == s)]
@@ -512,7 +604,7 @@ def paired_table(df: pd.DataFrame, reference: str = COXNET,
                     if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)])
     if d.size == 0:
       continue
-    rows.append({"Model": MODEL_LABELS.get(m, (m,))[0], "modalities": mods, "folds": d.size,
+    rows.append({"Model": model_label(m)[0], "modalities": mods, "folds": d.size,
                  "difference": _fmt(d.tolist()), "better": f"{int((d > 0).sum())}/{d.size}"})
   return pd.DataFrame(rows, columns=["Model", "modalities", "folds", "difference", "better"])
 
@@ -526,9 +618,11 @@ def to_markdown(table: pd.DataFrame) -> str:
   return "\n".join(lines)
 
 
-def write_table(df: pd.DataFrame, out: pathlib.Path) -> None:
+def write_table(df: pd.DataFrame, out: pathlib.Path,
+                stability: pd.DataFrame | None = None) -> None:
   """Writes ``summary.csv`` (test), ``summary_val.csv``, ``paired.csv``
-  (:func:`paired_table`, when Coxnet ran) and ``table.md``."""
+  (:func:`paired_table`, when Coxnet ran), ``attention_stability.csv`` (the
+  rows of :func:`attention_stability`, when given) and ``table.md``."""
   test = summary_table(df, "test_cindex")
   val = summary_table(df, "val_cindex")
   test.to_csv(out / "summary.csv", index=False)
@@ -545,6 +639,14 @@ def write_table(df: pd.DataFrame, out: pathlib.Path) -> None:
     paired.to_csv(out / "paired.csv", index=False)
     text += ["Test C-index minus Coxnet's on the same folds and modality set (mean ± SD over "
              "folds; better = folds above Coxnet):", "", to_markdown(paired), ""]
+  (out / "attention_stability.csv").unlink(missing_ok=True)
+  if stability is not None and len(stability):
+    stability.to_csv(out / "attention_stability.csv", index=False)
+    text += ["HEALNet per-feature attention (mean over layers, heads, latents and each fold's "
+             "test patients): overlap of the folds' top-k features, |top_a & top_b| / k, "
+             "mean and minimum over fold pairs; chance = k / features "
+             "(attention/<entry>/feature_ranking_<m>.csv has the combined ranking):", "",
+             to_markdown(stability), ""]
   (out / "table.md").write_text("\n".join(text))
 
 
@@ -615,7 +717,7 @@ def run_missing(models: Sequence[str], modalities: str, out: str | pathlib.Path,
     trainer = ft.FusionTrainer(cfg, ft.model_modalities(cohort))
     for k in fold_ids:
       bar.set_postfix(model=f"{model}@{mset}", fold=k)
-      wd = out / "runs" / f"{model}__{mset.replace('+', '-')}" / f"fold{k}"
+      wd = out / "runs" / Entry(model, mset).key / f"fold{k}"
       res, run = ft.run_fold(trainer, cohort, fsplits[k], wd, progress=verbose)
       if model == "unimodal":
         test_ids = cohort.patient_ids[run.idx["test"]]
@@ -674,10 +776,10 @@ def write_missing_table(df: pd.DataFrame, out: pathlib.Path, *, repeats: int) ->
   """Rows = models, columns = drop probabilities; ``missing.csv``/``missing.md``."""
   rows = []
   for m in dict.fromkeys(df["model"]):
-    label, _, _ = MODEL_LABELS.get(m, (m, "", ""))
+    label = model_label(m)[0]
     row = {"Model": label,
            "Missing modality handling": ft.MISSING_BEHAVIOUR.get(
-               m, "mean of the unimodal risks of the present modalities")}
+               split_variant(m)[0], "mean of the unimodal risks of the present modalities")}
     for p in sorted(df["p"].unique()):
       sel = df[(df["model"] == m) & (df["p"] == p)]
       row[_p_label(p)] = _fmt(sel["test_cindex"].tolist())

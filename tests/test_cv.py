@@ -232,6 +232,23 @@ def test_entries_and_overrides():
     cv.parse_entries(["concat@rna"], overrides=["num_epochs=many"])
   cfg = cv.entry_config("cmmmf", "rna+wsi")
   assert cv.modality_label(cfg) == "rna+wsi" and cfg.model.name == "cmmmf"
+  # Named config variants: their own rows, keys and labels; the config is the variant's.
+  from configs import healnet as healnet_configs
+  local, paper, released = cv.parse_entries(
+      ["healnet@clinical+rna", "healnet:paper@clinical+rna", "healnet:released@clinical+rna"])
+  assert paper.config.to_dict() == healnet_configs.get_config(
+      "modalities=clinical+rna,paper").to_dict()
+  assert released.config.to_dict() == healnet_configs.get_config("modalities=clinical+rna").to_dict()
+  assert local.config.to_dict() == healnet_configs.get_config(
+      "modalities=clinical+rna,local").to_dict()
+  assert (paper.model, paper.key) == ("healnet:paper", "healnet-paper__clinical-rna")
+  assert local.key == "healnet__clinical-rna"  # earlier runs' folders are reused
+  assert cv.model_label("healnet:paper")[0] == "HEALNet (paper)"
+  assert cv.model_label("healnet")[:2] == ("HEALNet", "HEALNet")
+  with pytest.raises(ValueError, match="unknown variant 'tuned'"):
+    cv.parse_entries(["healnet:tuned@clinical+rna"])
+  with pytest.raises(ValueError, match="unknown variant"):
+    cv.parse_entries(["concat:paper@clinical+rna"])
   # Overrides are typed by the field (as --config.x=y): a tuple, a new model kwarg.
   cfg = cv.apply_overrides(cfg, ["data.stratify=('event', 'pam50')", "model.new_kwarg=(1, 2)",
                                  "train.input_noise=0.1"])
@@ -338,3 +355,34 @@ def test_cli_as_a_module_ends_with_one_line(tmp_path):
   assert proc.stderr.strip().splitlines() == [
       "jaxsurv: error: entry 'healnet' must be model@modalities, e.g. healnet@clinical+rna"]
   assert not (tmp_path / "o").exists()
+
+
+def test_attention_stability_across_folds(tmp_path):
+  """Per-fold rankings on disk -> combined ranking, overlaps and the table.md section."""
+  entry = cv.Entry("healnet:paper", "clinical+rna")
+  feats = [f"g{j}" for j in range(8)]
+  orders = {0: feats, 1: feats[1::-1] + feats[2:], 2: feats[::-1]}
+  for k, order in orders.items():
+    wd = tmp_path / "runs" / entry.key / f"fold{k}"
+    wd.mkdir(parents=True)
+    pd.DataFrame({"feature": order, "mean_attention": np.linspace(0.3, 0.05, 8),
+                  "rank": range(8), "n_patients": 5}).to_csv(
+                      wd / "healnet_feature_ranking_rna_test.csv", index=False)
+  rows = cv.attention_stability(tmp_path, entry, [0, 1, 2])
+  (row,) = rows
+  assert row["top k"] == 2 == cv.stability_top_k(8)  # 8 // 4
+  # Top 2: {g0, g1} in folds 0 and 1, {g7, g6} in fold 2.
+  assert row["mean overlap"] == "0.33" and row["min overlap"] == "0.00"
+  assert row["chance"] == "0.25" and row["in every fold's top k"] == 0
+  summary = json.loads((tmp_path / "attention" / entry.key / "stability_rna.json").read_text())
+  assert summary["pairwise_overlap"] == {"0-1": 1.0, "0-2": 0.0, "1-2": 0.0}
+  combined = pd.read_csv(tmp_path / "attention" / entry.key / "feature_ranking_rna.csv")
+  assert list(combined.columns[:4]) == ["feature", "mean_attention", "mean_rank", "top_k_folds"]
+  # An entry without per-feature attention gives nothing.
+  assert cv.attention_stability(tmp_path, cv.Entry("concat", "clinical+rna"), [0, 1, 2]) == []
+  df = pd.DataFrame([{"model": "healnet:paper", "modalities": "clinical+rna", "fold": k,
+                      "val_cindex": 0.7, "test_cindex": 0.6} for k in range(3)])
+  cv.write_table(df, tmp_path, stability=pd.DataFrame(rows))
+  text = (tmp_path / "table.md").read_text()
+  assert "HEALNet (paper)" in text and "top-k features" in text
+  assert (tmp_path / "attention_stability.csv").exists()

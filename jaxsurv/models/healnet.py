@@ -48,7 +48,16 @@ Tokenisation (a deliberate choice; the peer's TCGA inputs are built in
   ``tabular_tokens="features"``: every feature is a token
   ``[batch, features, 1]`` whose position is its feature index mapped to
   ``linspace(-1, 1, features)`` (so tokens are distinguishable) -- attention
-  weights then score individual features.
+  weights then score individual features. With ``feature_embed_dim = E >
+  0`` each feature token also carries a learned embedding ``e_j`` ``[E]``
+  (one per feature and modality, N(0, 1) init), so token ``j`` is
+  ``[x_j, fourier(pos_j), e_j]``: with 2 Fourier bands at ``max_freq`` 2 the
+  positions of neighbouring features differ by about ``pi * 2 / features``
+  radians, too little for the keys to tell, say, 200 genes apart; the
+  learned embedding gives every feature its own key (as the feature
+  tokenizer of Gorishniy et al., "Revisiting Deep Learning Models for
+  Tabular Data", NeurIPS 2021, gives it its own weight and bias). The paper
+  does not say how a feature becomes a token.
 * bag, ``bag_tokens="tiles"`` (default; the paper's patch tokens): each tile is
   a token ``[batch, n_tiles, dim]``, padding masked out of the softmax. If the
   modality is listed in ``spatial_axes``, ``inputs[m + "_positions"]``
@@ -427,6 +436,9 @@ class HEALNet(nn.Module):
       ``inputs[name + "_positions"]`` ``[batch, n_tiles, n_axes]`` (in [-1, 1])
       are Fourier-encoded (``bag_tokens="tiles"`` only).
     early_fusion: concatenate all tabular modalities into one first.
+    feature_embed_dim: width E of the learned per-feature embedding appended
+      to each per-feature token (``tabular_tokens="features"`` only; 0 =
+      none, the peer's tokens).
     latent_init: initial latent array, ``"normal"`` N(0, 1) (the peer's;
       default) or ``"uniform"`` U(0, 1) (the paper's Algorithm 1).
     return_attention: what ``aux["attention"]`` holds: ``"heads"`` the full
@@ -465,6 +477,7 @@ class HEALNet(nn.Module):
   bag_tokens: str = "tiles"  # "tiles" or "channels" (peer's TCGA code).
   spatial_axes: Sequence = ()  # (bag name, n_axes) with positions input.
   early_fusion: bool = False  # Concatenate tabular modalities first.
+  feature_embed_dim: int = 0  # Learned per-feature embedding width (features).
   latent_init: str = "normal"  # "normal" N(0, 1) (peer) or "uniform" U(0, 1).
   return_attention: str = "heads"  # "heads", "mean" or "none" (see aux).
 
@@ -495,6 +508,12 @@ class HEALNet(nn.Module):
     if self.self_per_cross_attn < 0:
       raise ValueError(f"self_per_cross_attn must be >= 0, got "
                        f"{self.self_per_cross_attn}")
+    if self.feature_embed_dim < 0:
+      raise ValueError(f"feature_embed_dim must be >= 0, got "
+                       f"{self.feature_embed_dim}")
+    if self.feature_embed_dim and self.tabular_tokens != "features":
+      raise ValueError("feature_embed_dim needs tabular_tokens='features', got "
+                       f"{self.tabular_tokens!r}")
     kinds = dict(self.modalities)
     for pair in self.spatial_axes:
       if len(pair) != 2:
@@ -523,6 +542,10 @@ class HEALNet(nn.Module):
         tokens = x[:, :, None]
       if self.fourier_encode_data:
         pos = fourier(grid_positions(tokens.shape[1]))
+      if self.tabular_tokens == "features" and self.feature_embed_dim:
+        emb = self.param(f"feature_embed_{name}", nn.initializers.normal(1.0),
+                         (tokens.shape[1], self.feature_embed_dim), jnp.float32)
+        pos = emb if pos is None else jnp.concatenate([pos, emb], axis=-1)
       mask = None
     elif self.bag_tokens == "channels":
       tokens = jnp.swapaxes(x, 1, 2)
