@@ -12,11 +12,18 @@ widths (clinical 20, RNA 200 features; standard normal values, 4 time bins,
   separately, with the persistent compilation cache off;
 * step time: ``--warmup`` untimed then ``--steps`` timed steps, each ended
   by ``jax.block_until_ready``, cycling over 3 device-resident batches;
-  samples/s = batch / median step time.
+  samples/s = batch / median step time;
+* memory: XLA's ``memory_analysis()`` of the compiled step (argument +
+  output + temporary buffers, less the donated aliases: the step's device
+  memory).
 
-Models: HEALNet with the released BRCA settings (``configs/healnet.py``:
-depth 2, 17 latents x 126, one 63-wide cross-attention head per modality,
-dropouts 0.455 / 0.365, L1 6.8e-6) and, as a simple reference, the
+Models (``configs/healnet.py`` variants): ``healnet`` with the released
+BRCA settings (depth 2, 17 latents x 126, one 63-wide cross-attention head
+per modality, one token per tabular modality, dropouts 0.455 / 0.365, L1
+6.8e-6); ``healnet:paper`` (weights shared between layers, 8 heads x 63,
+every feature a token with its Fourier position and an 8-wide learned
+embedding: 220 tokens on BRCA instead of 2); ``healnet:local`` (the released
+network, trained as ``local``); and, as a simple reference, the
 concatenation baseline (``configs/fusion.py:model=concat,local``).
 
 The PyTorch reference (``TorchHEALNet`` below, written from the HEALNet
@@ -25,12 +32,14 @@ konst-int-i/healnet's layers in ``jaxsurv/models/healnet.py``, not from the
 peer's code) is the same
 network -- per-modality pre-norm cross-attention with temperature 0.5 and
 LeakyReLU output, SELU-gated feed-forward, one token per tabular modality
-with its Fourier position features, mean-pooled latents -> LayerNorm ->
-linear head -- the same loss (NLL alpha 0.4 with inverse-frequency bin
+with its Fourier position features or one per feature with its learned
+embedding, weights shared between layers or not, mean-pooled latents ->
+LayerNorm -> linear head -- for the released and the paper settings, with
+the same loss (NLL alpha 0.4 with inverse-frequency bin
 weights, + L1 over all parameters) and Adam, run eagerly; parameter counts of
 the two implementations are checked equal.
 
-  python benchmarks/fusion_benchmark.py                  # all settings (~5 min, 2 cores)
+  python benchmarks/fusion_benchmark.py                  # all settings (~8 min, 2 cores)
   python benchmarks/fusion_benchmark.py --batch 4 --steps 50 --no-torch
 
 Extras: PyTorch (``pip install -r benchmarks/requirements.txt``).
@@ -79,10 +88,14 @@ def synthetic_batch(seed: int, batch: int) -> dict:
   }
 
 
+MODELS = ("healnet", "healnet:paper", "healnet:local", "concat")
+TORCH_MODELS = ("healnet", "healnet:paper")
+
+
 def _config(model: str, batch: int):
-  if model == "healnet":
+  if model.split(":")[0] == "healnet":
     from configs import healnet
-    c = healnet.get_config()
+    c = healnet.get_config(model.partition(":")[2] or None)
   else:
     from configs import fusion
     c = fusion.get_config(f"model={model},local")
@@ -115,6 +128,10 @@ def bench_jax(model: str, batch: int, warmup: int, steps: int) -> dict:
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+  step_bytes = None if mem is None else int(
+      mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes)
   times = []
   for i in range(warmup + steps):
     s0 = time.perf_counter()
@@ -128,7 +145,8 @@ def bench_jax(model: str, batch: int, warmup: int, steps: int) -> dict:
   return {"framework": "jaxsurv", "model": model, "batch": batch, "params": n_params,
           "lower_s": t1 - t0, "compile_s": t2 - t1, "step_ms_median": 1e3 * med,
           "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
-          "samples_per_s": batch / med, "device": jax.devices()[0].device_kind}
+          "samples_per_s": batch / med, "step_mib": None if step_bytes is None
+          else step_bytes / 2**20, "device": jax.devices()[0].device_kind}
 
 
 # ----------------------------------------------------------------------------
@@ -182,34 +200,52 @@ def _torch_modules():
       x = x + self.attn(self.norm(x), self.norm_context(ctx))
       return x + self.ff(self.norm_ff(x))
 
+  def fourier(pos, num_bands, max_freq):
+    scales = torch.linspace(1.0, max_freq / 2.0, num_bands)
+    a = torch.pi * pos[:, None] * scales
+    return torch.cat([torch.sin(a), torch.cos(a), pos[:, None]], dim=-1)  # [n, 2B + 1]
+
   class TorchHEALNet(nn.Module):
-    """HEALNet with one token per tabular modality (no latent self-attention)."""
+    """HEALNet without latent self-attention: one token per tabular modality
+    (``features=False``) or per feature with a learned embedding of width
+    ``embed``; ``shared``: one weight set for every layer."""
 
     def __init__(self, widths, depth, num_latents, latent_dim, cross_heads, cross_dim_head,
-                 attn_dropout, ff_dropout, num_freq_bands, max_freq, n_out):
+                 attn_dropout, ff_dropout, num_freq_bands, max_freq, n_out, *,
+                 features=False, embed=0, shared=False):
       super().__init__()
-      self.names = list(widths)
+      self.names, self.depth, self.features = list(widths), depth, features
       enc = 2 * num_freq_bands + 1
       self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
+      ctx = {m: (1 + enc + embed if features else f + enc) for m, f in widths.items()}
       self.layers = nn.ModuleList([
-          nn.ModuleDict({m: CrossBlock(latent_dim, f + enc, cross_heads, cross_dim_head,
-                                       attn_dropout, ff_dropout) for m, f in widths.items()})
-          for _ in range(depth)])
+          nn.ModuleDict({m: CrossBlock(latent_dim, ctx[m], cross_heads, cross_dim_head,
+                                       attn_dropout, ff_dropout) for m in widths})
+          for _ in range(1 if shared else depth)])
       self.head_norm = nn.LayerNorm(latent_dim)
       self.head = nn.Linear(latent_dim, n_out)
-      # Fourier features of the single token's position x = -1 (constant).
-      scales = torch.linspace(1.0, max_freq / 2.0, num_freq_bands)
-      x = torch.tensor(-1.0)
-      self.register_buffer("pos", torch.cat([torch.sin(torch.pi * scales * x),
-                                             torch.cos(torch.pi * scales * x), x[None]]))
+      # Per-feature tokens: positions linspace(-1, 1, f); one token: x = -1.
+      for m, f in widths.items():
+        pos = torch.linspace(-1.0, 1.0, f) if features else torch.tensor([-1.0])
+        self.register_buffer(f"pos_{m}", fourier(pos, num_freq_bands, max_freq))
+      self.embed = nn.ParameterDict({m: nn.Parameter(torch.randn(f, embed))
+                                     for m, f in widths.items()} if features and embed else {})
 
     def forward(self, inputs, presence):
       b = next(iter(inputs.values())).shape[0]
       x = self.latents.expand(b, -1, -1)
-      for layer in self.layers:
+      tokens = {}
+      for m in self.names:
+        pos = getattr(self, f"pos_{m}")
+        if self.features:
+          extra = torch.cat([pos, self.embed[m]], -1) if m in self.embed else pos
+          tokens[m] = torch.cat([inputs[m][:, :, None], extra.expand(b, -1, -1)], dim=-1)
+        else:
+          tokens[m] = torch.cat([inputs[m][:, None, :], pos.expand(b, 1, -1)], dim=-1)
+      for i in range(self.depth):
+        layer = self.layers[min(i, len(self.layers) - 1)]
         for m in self.names:
-          tok = torch.cat([inputs[m][:, None, :], self.pos.expand(b, 1, -1)], dim=-1)
-          y = layer[m](x, tok)
+          y = layer[m](x, tokens[m])
           x = torch.where(presence[m][:, None, None], y, x)
       return self.head(self.head_norm(x.mean(1)))
 
@@ -229,15 +265,20 @@ def _torch_modules():
   return torch, TorchHEALNet, nll
 
 
-def bench_torch(batch: int, warmup: int, steps: int) -> dict:
+def bench_torch(model_name: str, batch: int, warmup: int, steps: int) -> dict:
   torch, TorchHEALNet, nll = _torch_modules()
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
-  config = _config("healnet", batch)
+  config = _config(model_name, batch)
   m = dict(config.model)
+  if m.get("weight_sharing", "none") not in ("none", "all"):
+    raise ValueError(f"the torch reference shares all weights or none, got {m['weight_sharing']}")
   model = TorchHEALNet(WIDTHS, m["depth"], m["num_latents"], m["latent_dim"], m["cross_heads"],
                        m["cross_dim_head"], m["attn_dropout"], m["ff_dropout"],
-                       m["num_freq_bands"], m["max_freq"], N_BINS)
+                       m["num_freq_bands"], m["max_freq"], N_BINS,
+                       features=m.get("tabular_tokens", "vector") == "features",
+                       embed=m.get("feature_embed_dim", 0),
+                       shared=m.get("weight_sharing", "none") == "all")
   model.train()
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   l1 = float(config.loss.l1)
@@ -260,10 +301,10 @@ def bench_torch(batch: int, warmup: int, steps: int) -> dict:
     if i >= warmup:
       times.append(time.perf_counter() - s0)
   med = statistics.median(times)
-  return {"framework": "torch", "model": "healnet", "batch": batch,
+  return {"framework": "torch", "model": model_name, "batch": batch,
           "params": sum(p.numel() for p in model.parameters()), "lower_s": None,
           "compile_s": None, "step_ms_median": 1e3 * med, "step_ms_min": 1e3 * min(times),
-          "step_ms_max": 1e3 * max(times), "samples_per_s": batch / med,
+          "step_ms_max": 1e3 * max(times), "samples_per_s": batch / med, "step_mib": None,
           "device": f"cpu, torch {torch.__version__}, {torch.get_num_threads()} threads"}
 
 
@@ -271,7 +312,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, nargs="+", default=[4, 32])
-  parser.add_argument("--models", nargs="+", default=["healnet", "concat"])
+  parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--no-torch", action="store_true")
@@ -281,25 +322,28 @@ def main(argv=None) -> int:
     for model in args.models:
       rows.append(bench_jax(model, batch, args.warmup, args.steps))
       print("RESULT " + json.dumps(rows[-1]), flush=True)
-    if not args.no_torch:
-      rows.append(bench_torch(batch, args.warmup, args.steps))
+    for model in () if args.no_torch else [m for m in args.models if m in TORCH_MODELS]:
+      rows.append(bench_torch(model, batch, args.warmup, args.steps))
       print("RESULT " + json.dumps(rows[-1]), flush=True)
-      jax_row = next(r for r in rows if r["framework"] == "jaxsurv" and r["model"] == "healnet"
+      jax_row = next(r for r in rows if r["framework"] == "jaxsurv" and r["model"] == model
                      and r["batch"] == batch)
       if jax_row["params"] != rows[-1]["params"]:
-        raise RuntimeError(f"parameter counts differ: jaxsurv {jax_row['params']}, "
+        raise RuntimeError(f"{model}: parameter counts differ: jaxsurv {jax_row['params']}, "
                            f"torch {rows[-1]['params']}")
+      rows[-1]["jax_speedup"] = rows[-1]["step_ms_median"] / jax_row["step_ms_median"]
   print(f"\nMachine: {_cpu_model()}, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}; Python {platform.python_version()}")
   print("| framework | model | batch | params | trace+lower s | compile s | step ms (median, "
-        "min-max) | samples/s |")
-  print("|---|---|---:|---:|---:|---:|---:|---:|")
+        "min-max) | samples/s | step memory MiB | torch / jaxsurv step |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     lower = "–" if r["lower_s"] is None else f"{r['lower_s']:.2f}"
     comp = "–" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+    mib = "–" if r.get("step_mib") is None else f"{r['step_mib']:.1f}"
+    ratio = f"{r['jax_speedup']:.2f}" if "jax_speedup" in r else "–"
     print(f"| {r['framework']} | {r['model']} | {r['batch']} | {r['params']} | {lower} | "
           f"{comp} | {r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
-          f"{r['samples_per_s']:.0f} |")
+          f"{r['samples_per_s']:.0f} | {mib} | {ratio} |")
   return 0
 
 
