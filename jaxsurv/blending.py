@@ -301,6 +301,9 @@ class GradientBlender:
     """Writes ``history_rows()`` to ``path`` (CSV with a header); returns it."""
     rows = self.history_rows()
     fields = _columns(self.heads)
+    from jaxsurv import distributed  # pylint: disable=import-outside-toplevel
+    if not distributed.is_primary():  # Process 0 writes in a multi-process run.
+      return os.fspath(path)
     with open(path, "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=fields)
       writer.writeheader()

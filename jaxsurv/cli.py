@@ -35,6 +35,7 @@ from typing import Any, Callable, NoReturn, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
+from jaxsurv import distributed
 from jaxsurv.errors import TrainingError, UserError
 
 EXIT_USER_ERROR = 2
@@ -205,7 +206,13 @@ def _run_main(main: Callable[..., Any], flag_values: flags.FlagValues | None,
               argv: Sequence[str]) -> Any:
   _quiet_libraries()
   setup_compilation_cache(flags.FLAGS["compilation_cache"].value)
-  return _guarded(main, flag_values, argv)
+
+  def start(*args):
+    # Before any JAX computation: a multi-process run connects first.
+    distributed.initialize_from_flags(flags.FLAGS)
+    return main(*args)
+
+  return _guarded(start, flag_values, argv)
 
 
 def run(main: Callable[..., Any], *, define_flags: DefineFlags | None = None,
@@ -214,7 +221,11 @@ def run(main: Callable[..., Any], *, define_flags: DefineFlags | None = None,
 
   absl logging is set to WARNING before ``main`` runs unless ``--verbosity``
   is given; JAX's persistent compilation cache is on unless
-  ``--nocompilation_cache`` (``setup_compilation_cache``).
+  ``--nocompilation_cache`` (``setup_compilation_cache``); a multi-process
+  run connects its processes first (``jaxsurv.distributed``: the
+  ``--distributed``, ``--coordinator_address``, ``--num_processes``,
+  ``--process_id``, ``--distributed_timeout`` and ``--heartbeat_timeout``
+  flags of every command).
 
   Args:
     main: without ``define_flags``, ``main(argv)`` reading flags the caller
@@ -235,6 +246,7 @@ def run(main: Callable[..., Any], *, define_flags: DefineFlags | None = None,
   argv = list(sys.argv if argv is None else argv)
   define_debug_flag(flags.FLAGS)
   define_compilation_cache_flag(flags.FLAGS)
+  distributed.define_flags(flags.FLAGS)
   if define_flags is not None:
     define_flags(flags.FLAGS, argv)
   app.run(functools.partial(_run_main, main, None if define_flags is None else flags.FLAGS),

@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 
 from jaxsurv import io as io_lib
-from jaxsurv import attention, evaluate, metrics, survival, tasks
+from jaxsurv import attention, distributed, evaluate, metrics, survival, tasks
 from jaxsurv.data import multimodal
 from jaxsurv.data import splits as splits_lib
 from jaxsurv.errors import UserError
@@ -117,8 +117,10 @@ def load_cohort(config: ml_collections.ConfigDict) -> multimodal.MultimodalCohor
   for k in ("wsi_tiles",):
     if k in kwargs:
       kwargs[k] = tuple(kwargs[k])
-  return multimodal.load_tcga_brca(modalities=tuple(d.modalities), wsi=wsi,
-                                   seed=d.get("wsi_seed", 0), **kwargs)
+  # Multi-process: process 0 fetches (and caches) the tables, the others then read them.
+  return distributed.primary_first(lambda: multimodal.load_tcga_brca(
+      modalities=tuple(d.modalities), wsi=wsi, seed=d.get("wsi_seed", 0), **kwargs),
+      "jaxsurv.fusion_train.load_cohort")
 
 
 def model_modalities(cohort: multimodal.MultimodalCohort) -> tuple[tuple[str, str], ...]:

@@ -4,6 +4,10 @@ Every file a command writes goes through a temporary file in the same folder
 and ``os.replace``, so a crash or a full disk never leaves a half-written
 ``results.json``, ``predictions.csv`` or plot behind (POSIX rename is atomic
 within a file system). Nothing here reads pickles.
+
+In a multi-process run (``jaxsurv.distributed``) only process 0 writes: on
+the other processes these functions return without touching the disk, so
+the processes never race on one file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import pathlib
 import numpy as np
 import pandas as pd
 
+from jaxsurv import distributed
+
 
 def write_json_atomic(obj, path: os.PathLike) -> None:
   """Writes JSON via a temporary file and an atomic rename.
@@ -22,6 +28,8 @@ def write_json_atomic(obj, path: os.PathLike) -> None:
   A file that already holds exactly this JSON is left untouched (a resumed
   run does not rewrite what it recorded before).
   """
+  if not distributed.is_primary():
+    return
   path = pathlib.Path(path)
   text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
   if path.is_file() and path.read_text() == text:
@@ -33,6 +41,8 @@ def write_json_atomic(obj, path: os.PathLike) -> None:
 
 def write_csv_atomic(df: pd.DataFrame, path: os.PathLike) -> None:
   """Writes a table as CSV (no index) via a temporary file and an atomic rename."""
+  if not distributed.is_primary():
+    return
   path = pathlib.Path(path)
   tmp = path.with_suffix(path.suffix + ".tmp")
   df.to_csv(tmp, index=False)
@@ -57,6 +67,8 @@ def pyplot():
 
 def save_png_atomic(fig, path: os.PathLike) -> None:
   """Saves a matplotlib figure as PNG via a temporary file and an atomic rename."""
+  if not distributed.is_primary():
+    return
   path = pathlib.Path(path)
   tmp = path.with_suffix(path.suffix + ".tmp")
   try:

@@ -34,6 +34,7 @@ import pathlib
 import tempfile
 from typing import Any, Iterable, Mapping
 
+from jaxsurv import distributed
 from jaxsurv.errors import UserError
 
 PathLike = str | os.PathLike
@@ -202,6 +203,8 @@ def write_json_atomic(data: Any, path: pathlib.Path) -> None:
     OSError: the folder is not writable, the disk is full, ...; TypeError:
       ``data`` is not JSON data. ``path`` is unchanged then.
   """
+  if not distributed.is_primary():  # Process 0 writes in a multi-process run.
+    return
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
     with os.fdopen(fd, "w") as f:
@@ -294,6 +297,9 @@ def open_run(workdir: PathLike, config: dict, cohort_fingerprint: str, *,
              allow_changed: bool = False) -> pathlib.Path:
   """Creates a run folder, or accepts it again, or refuses it before any work.
 
+  In a multi-process run every process checks the folder, process 0 alone
+  writes, and no process goes on before process 0 has (a barrier).
+
   Call after the cohort and config have been validated and before anything
   is written to ``workdir``.
 
@@ -336,6 +342,13 @@ def open_run(workdir: PathLike, config: dict, cohort_fingerprint: str, *,
       or an older run without ``config.json``.
     OSError: writing the files failed (e.g. disk full).
   """
+  out = _open_run(workdir, config, cohort_fingerprint, allow_changed=allow_changed)
+  distributed.barrier("jaxsurv.runs.open_run")
+  return out
+
+
+def _open_run(workdir: PathLike, config: dict, cohort_fingerprint: str, *,
+              allow_changed: bool) -> pathlib.Path:
   workdir = pathlib.Path(workdir)
   config = json.loads(canonical_json(config))  # Plain JSON data, as it will be read back.
   _check_writable(workdir)

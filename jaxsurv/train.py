@@ -44,7 +44,7 @@ import pandas as pd
 
 from jaxsurv import io as io_lib
 from jaxsurv import augment as augment_lib
-from jaxsurv import blending, evaluate, tasks
+from jaxsurv import blending, distributed, evaluate, tasks
 from jaxsurv.data import clinical as clinical_lib
 from jaxsurv.data import splits as splits_lib
 from jaxsurv.errors import TrainingError, UserError  # pylint: disable=unused-import
@@ -169,10 +169,11 @@ def load_cohort(config):
                                  outcomes=tuple(config.data.outcomes))
   cohort = config.data.cohort
   is_manifest = str(cohort).endswith(".csv")
-  prepared = prepare.prepare_cohort(cohort, spec=spec if is_manifest else None, preprocess=pre,
-                                    n_patients=config.data.get("n_patients"),
-                                    seed=config.data.cohort_seed,
-                                    workers=config.data.get("prepare_workers", 1))
+  # Multi-process: process 0 prepares (and caches), the others then load.
+  prepared = distributed.primary_first(lambda: prepare.prepare_cohort(
+      cohort, spec=spec if is_manifest else None, preprocess=pre,
+      n_patients=config.data.get("n_patients"), seed=config.data.cohort_seed,
+      workers=config.data.get("prepare_workers", 1)), "jaxsurv.train.load_cohort")
   if "image" in config.data.modalities and prepared.images is None:
     raise ValueError(f"data.modalities includes 'image' but cohort {cohort!r} has no images")
   return prepared

@@ -43,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsurv import metrics
+from jaxsurv import distributed, metrics
 from jaxsurv.errors import TrainingError, UserError
 from jaxsurv.trainer import optim
 from jaxsurv.trainer.step import TrainState, predict_fn, train_step
@@ -267,14 +267,19 @@ class Trainer:
 
   def batch(self, part: Part, sel: np.ndarray, size: int) -> dict:
     """A fixed-size global batch of positions ``sel`` of ``part``, padded with
-    masked copies of the first row, sharded over the ``("data",)`` mesh."""
+    masked copies of the first row, sharded over the ``("data",)`` mesh.
+
+    Every process passes the same ``sel`` and reads only its own block of
+    the rows (``distributed.local_rows``); the result is one global array
+    per leaf over the devices of all processes."""
     n = len(sel)
     if n == 0 or n > size:
       raise ValueError(f"batch of {n} rows for size {size}")
     full = np.concatenate([np.asarray(sel, np.int64), np.repeat(sel[:1], size - n)])
-    b = part.take(full)
-    b["mask"] = np.arange(size) < n
-    return jax.device_put(b, self.data_sh)
+    rows = distributed.local_rows(size)
+    b = part.take(full[rows])
+    b["mask"] = (np.arange(size) < n)[rows]
+    return distributed.global_batch(b, self.data_sh, size)
 
   def init_state(self, rng: jax.Array, part: Part) -> TrainState:
     """Fresh variables (from one batch's shapes) and optimiser state, replicated."""
@@ -298,8 +303,8 @@ class Trainer:
     for start in range(0, n, bs):
       sel = np.arange(start, min(start + bs, n))
       b = self.batch(part, sel, bs)
-      out = self.predict(params, batch_stats, b["inputs"], b["presence"])
-      chunks.append(jax.tree.map(lambda a: np.asarray(a)[:len(sel)], out))
+      out = distributed.to_host(self.predict(params, batch_stats, b["inputs"], b["presence"]))
+      chunks.append(jax.tree.map(lambda a: a[:len(sel)], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
 
   def cindex(self, outputs, part: Part) -> dict:
