@@ -83,6 +83,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("heartbeat_timeout", 100,
                        "seconds without a heartbeat after which a peer counts as lost",
                        lower_bound=1, **f)
+  flags.DEFINE_list("local_device_ids", None,
+                    "this process's devices, e.g. 0,1,2,3,4,5,6,7 for one process per 8-GPU "
+                    "host (default: JAX's choice; under Slurm one device per task, "
+                    "$SLURM_LOCALID)", **f)
 
 
 def _env_int(env: Mapping[str, str], *names: str) -> int | None:
@@ -209,8 +213,15 @@ def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
   if "distributed" not in flag_values:
     return False
   fv = flag_values
+  ids = fv.local_device_ids
+  try:
+    ids = None if ids is None else [int(i) for i in ids]
+  except ValueError:
+    raise UserError(f"--local_device_ids: expected comma-separated integers, got "
+                    f"{','.join(ids)}") from None
   return initialize(fv.distributed, fv.coordinator_address, fv.num_processes, fv.process_id,
-                    timeout=fv.distributed_timeout, heartbeat_timeout=fv.heartbeat_timeout)
+                    timeout=fv.distributed_timeout, heartbeat_timeout=fv.heartbeat_timeout,
+                    local_device_ids=ids)
 
 
 def process_index() -> int:

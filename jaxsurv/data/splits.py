@@ -415,6 +415,9 @@ def save_splits(splits: Split | Sequence[Split], path: str | os.PathLike) -> pat
   except TypeError as e:
     raise ValueError(f"save_splits: meta is not JSON-compatible: {e}") from e
   path = pathlib.Path(path)
+  from jaxsurv import distributed  # pylint: disable=import-outside-toplevel
+  if not distributed.is_primary():  # Process 0 writes in a multi-process run.
+    return path
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + f".tmp{os.getpid()}")
   tmp.write_text(text)
