@@ -4,8 +4,8 @@ For each process count P this starts P processes of itself on 127.0.0.1
 (``jax.distributed`` through ``jaxsurv.distributed.initialize``), each with
 one device (a CPU device here; one GPU each on a GPU host, with
 ``--platform=gpu``), builds the shared trainer's jitted step for the model
-(``--model``: the MMNN ``local`` config, 2 x 24^3 DenseNet-121 + clinical
-MLP with Cox heads, or the HEALNet released config) and times it on the
+(``--model``: the MMNN ``local`` config, a small 3D DenseNet on 2 x 24^3
+volumes + clinical MLP with Cox heads, or the HEALNet released config) and times it on the
 same global batch (``--batch``, default 32: 32 / P rows per process):
 ``--warmup`` untimed steps, then ``--steps`` timed ones, each ended by
 ``jax.block_until_ready``; the median is reported.

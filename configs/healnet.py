@@ -22,7 +22,12 @@ e.g. ``configs/healnet.py:paper,modalities=clinical+rna+wsi,fold=2``.
 Expected results (2 CPU cores, 2026-12-01): ``:local`` fold 0 in about 36 s,
 validation C 0.786, test C 0.688; over the 5 folds (``python -m jaxsurv.cv
 table``) test C 0.749 ± 0.088 on clinical + RNA, 0.743 ± 0.086 with the WSI
-bags (Coxnet 0.774 / 0.769).
+bags (Coxnet 0.774 / 0.769). ``:paper`` fold 0 in about 65 s (early stopping
+after 11 epochs), validation C 0.680, test C 0.758; 5 folds: test C 0.745 ±
+0.075 (validation 0.762), 0.719 ± 0.069 with the WSI bags. ``:released``
+(the default) 5 folds: test C 0.646 ± 0.082 (validation 0.751): its early
+stopping on the validation NLL ends after 6-10 epochs with the best epoch
+at 0-4.
 
 ``released`` and the default: the released BRCA run (konst-int-i/healnet
 config/best_hyperparams.yml and main_gpu.yml; healnet/main.py):
