@@ -37,21 +37,25 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(kind, n, out: pathlib.Path, *, epochs=2, batch=12, only=None, timeout="20"):
-  """Starts processes ``only`` (default all) of an ``n``-process run; returns
-  ``[(returncode, stderr, seconds)]`` per process started."""
+def _start(kind, n, out: pathlib.Path, *, epochs=2, batch=12, only=None, timeout="20"):
+  """Starts processes ``only`` (default all) of an ``n``-process run."""
   out.mkdir(parents=True, exist_ok=True)
   port = _free_port() if n > 1 else 0
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), WORKER_TIMEOUT=timeout)
   env.pop("XLA_FLAGS", None)
-  procs = []
+  return [subprocess.Popen(
+      [sys.executable, str(WORKER), kind, str(n), str(pid), str(port), str(out), str(epochs),
+       str(batch)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for pid in (range(n) if only is None else only)]
+
+
+def _finish(*runs):
+  """Waits for runs started by ``_start`` (at most ``OUTER_TIMEOUT`` s in all);
+  returns ``[(returncode, stderr, seconds)]`` per process, run by run. Every
+  process still alive at the end is killed by PID."""
   t0 = time.time()
+  procs = [p for run in runs for p in run]
   try:
-    for pid in (range(n) if only is None else only):
-      procs.append(subprocess.Popen(
-          [sys.executable, str(WORKER), kind, str(n), str(pid), str(port), str(out),
-           str(epochs), str(batch)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          text=True))
     results = []
     for p in procs:
       _, err = p.communicate(timeout=max(1.0, OUTER_TIMEOUT - (time.time() - t0)))
@@ -62,6 +66,10 @@ def _run(kind, n, out: pathlib.Path, *, epochs=2, batch=12, only=None, timeout="
       if p.poll() is None:
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
+
+
+def _run(kind, n, out: pathlib.Path, **kw):
+  return _finish(_start(kind, n, out, **kw))
 
 
 def _ok(results):
@@ -88,34 +96,32 @@ def _assert_same(one, many):
 
 
 @pytest.fixture(scope="module")
-def fusion_one(tmp_path_factory):
-  out = tmp_path_factory.mktemp("fusion1")
-  _ok(_run("fusion", 1, out))
-  return _load(out)
+def fusion(tmp_path_factory):
+  """The fusion worker on 1, 2 and 3 processes, started together (6 processes)."""
+  out = {n: tmp_path_factory.mktemp(f"fusion{n}") for n in (1, 2, 3)}
+  _ok(_finish(*[_start("fusion", n, out[n]) for n in (1, 2, 3)]))
+  return out
 
 
-def test_fusion_two_processes_equal_one_and_resume(fusion_one, tmp_path):
-  _ok(_run("fusion", 2, tmp_path))
-  a, b = _load(tmp_path, 0), _load(tmp_path, 1)
-  _assert_same(fusion_one, a)
+def test_fusion_two_processes_equal_one_and_resume(fusion):
+  one, a, b = _load(fusion[1]), _load(fusion[2], 0), _load(fusion[2], 1)
+  _assert_same(one, a)
   for k in a:  # Both processes hold the same global results.
     np.testing.assert_array_equal(a[k], b[k])
   assert a["resumed_from"] == -1
   # The checkpoint the two processes wrote (Orbax, multi-process) is resumed.
-  _ok(_run("fusion", 2, tmp_path, epochs=3))
-  c = _load(tmp_path, 0)
+  _ok(_run("fusion", 2, fusion[2], epochs=3))
+  c = _load(fusion[2], 0)
   assert c["resumed_from"] == 2 and len(c["train_loss"]) == 3
   np.testing.assert_array_equal(c["train_loss"][:2], a["train_loss"])
 
 
-def test_fusion_three_processes_equal_one(fusion_one, tmp_path):
-  _ok(_run("fusion", 3, tmp_path))
-  _assert_same(fusion_one, _load(tmp_path, 2))
+def test_fusion_three_processes_equal_one(fusion):
+  _assert_same(_load(fusion[1]), _load(fusion[3], 2))
 
 
 def test_mmnn_two_processes_equal_one(tmp_path):
-  _ok(_run("mmnn", 1, tmp_path / "one"))
-  _ok(_run("mmnn", 2, tmp_path / "two"))
+  _ok(_finish(_start("mmnn", 1, tmp_path / "one"), _start("mmnn", 2, tmp_path / "two")))
   _assert_same(_load(tmp_path / "one"), _load(tmp_path / "two", 1))
 
 
