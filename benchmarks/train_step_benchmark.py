@@ -126,7 +126,8 @@ def _random_batch_np(seed: int, batch: int, grid: int, n_outcomes: int = 2) -> d
   }
 
 
-def _load_config(name: str, grid: int | None, batch: int | None, augment: bool, dtype: str):
+def _load_config(name: str, grid: int | None, batch: int | None, augment: bool, dtype: str,
+                 conv_impl: str | None = None):
   """configs/mmnn.py (``local`` or the paper default) with benchmark overrides."""
   from configs import mmnn
   config = mmnn.get_config("local" if name == "local" else None)
@@ -136,6 +137,8 @@ def _load_config(name: str, grid: int | None, batch: int | None, augment: bool, 
     config.batch_size = batch
   config.augment.enabled = augment
   config.dtype = dtype
+  if conv_impl is not None:
+    config.model.image.conv_impl = conv_impl
   return config
 
 
@@ -188,7 +191,7 @@ def _resolve_defaults(spec: dict, backend: str) -> dict:
     spec["grid"] = spec["grid"] or 32
     spec["batch"] = spec["batch"] or 2
   config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
-                        spec["dtype"])
+                        spec["dtype"], spec.get("conv_impl"))
   spec["grid"] = config.data.preprocess.grid[0]
   spec["batch"] = config.batch_size
   return spec
@@ -223,7 +226,7 @@ def jax_worker(spec: dict) -> dict:
 
   spec = _resolve_defaults(spec, jax.default_backend())
   config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
-                        spec["dtype"])
+                        spec["dtype"], spec.get("conv_impl"))
   n_dev = len(jax.devices())
   if config.batch_size % n_dev:
     raise ValueError(f"batch {config.batch_size} must be divisible by the {n_dev} devices")
@@ -285,7 +288,7 @@ def torch_worker(spec: dict) -> dict:
   import torch_reference as ref
 
   config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
-                        spec["dtype"])
+                        spec["dtype"], spec.get("conv_impl"))
   torch.manual_seed(config.seed)
   torch.set_num_threads(cores)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -411,11 +414,11 @@ def _fmt(x, spec=".2f", scale=1.0):
 
 def markdown_table(rows: list[dict]) -> str:
   """One row per setting; step times as "median (min)" in ms."""
-  lines = ["| config | grid | batch | augment | dtype | cores | jaxsurv trace+lower s | jaxsurv compile s | "
+  lines = ["| config | grid | batch | augment | dtype | cores | conv | jaxsurv trace+lower s | jaxsurv compile s | "
            "jaxsurv step ms, median (min) | jaxsurv samples/s | jaxsurv peak MiB | XLA temp MiB | "
            "torch step ms, median (min) | torch samples/s | torch peak MiB | "
            "jaxsurv/torch step time, median (min) |",
-           "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     j, t = r.get("jaxsurv") or {}, r.get("torch") or {}
     mem_j = j.get("peak_device_mib", j.get("peak_rss_mib"))
@@ -424,7 +427,8 @@ def markdown_table(rows: list[dict]) -> str:
                       f"({_fmt(d.get('step_s_min'), '.0f', 1e3)})")
     lines.append(
         f"| {r['config']} | {r['grid']}^3 | {r['batch']} | {'on' if r['augment'] else 'off'} | "
-        f"{r['dtype']} | {r.get('cores', '–')} | {_fmt(j.get('lower_s'), '.1f')} | {_fmt(j.get('compile_s'), '.1f')} | "
+        f"{r['dtype']} | {r.get('cores', '–')} | {r.get('conv_impl', 'native')} | "
+        f"{_fmt(j.get('lower_s'), '.1f')} | {_fmt(j.get('compile_s'), '.1f')} | "
         f"{step(j)} | {_fmt(j.get('samples_per_s'), '.2f')} | "
         f"{_fmt(mem_j, '.0f')} | {_fmt(j.get('xla_temp_mib'), '.0f')} | "
         f"{step(t)} | {_fmt(t.get('samples_per_s'), '.2f')} | "
@@ -588,6 +592,9 @@ def main(argv=None) -> int:
                  help="CPU cores per measurement (affinity; torch threads = cores, XLA sizes its "
                       "pool from them); several values repeat every setting (default: all)")
   p.add_argument("--torch-channels-last", action="store_true")
+  p.add_argument("--conv-impl", nargs="+", choices=["auto", "native", "slices"],
+                 default=["auto"], help="jaxsurv's 3^3 convolutions (DenseNet3D conv_impl); "
+                 "several: one jaxsurv row each against the same torch run")
   p.add_argument("--pipeline-patients", type=int, default=512)
   p.add_argument("--pipeline-batches", type=int, default=100)
   p.add_argument("--compile-cache", default=None, help="use this persistent compilation cache")
@@ -629,24 +636,28 @@ def main(argv=None) -> int:
     for cores in args.cores:
       for dtype in args.dtype:
         for aug in augs:
-          spec = {"config": name, "grid": args.grid, "batch": args.batch, "augment": aug,
-                  "dtype": dtype, "warmup": warmup, "steps": steps, "cores": cores,
-                  "compile_cache": args.compile_cache,
-                  "torch_channels_last": args.torch_channels_last}
-          j = _run_worker("jax", spec, args.timeout)
-          resolved = j.get("spec", spec)
-          row = {"config": name, "grid": resolved["grid"], "batch": resolved["batch"],
-                 "augment": aug, "dtype": dtype, "cores": j.get("cores", cores), "jaxsurv": j}
-          if not args.no_torch and "error" not in j:
-            t = _run_worker("torch", resolved, args.timeout)
-            row["torch"] = t
-            if "step_s_median" in t:
-              row["ratio_jax_over_torch"] = j["step_s_median"] / t["step_s_median"]
-              row["ratio_min_jax_over_torch"] = j["step_s_min"] / t["step_s_min"]
-              if t["n_params"] != j["n_params"]:
-                row["param_mismatch"] = f"jaxsurv {j['n_params']} vs torch {t['n_params']}"
-          rows.append(row)
-          print(RESULT_TAG + json.dumps(row), flush=True)
+          t = None  # One torch run per setting, shared by the conv_impl rows.
+          for impl in args.conv_impl:
+            spec = {"config": name, "grid": args.grid, "batch": args.batch, "augment": aug,
+                    "dtype": dtype, "warmup": warmup, "steps": steps, "cores": cores,
+                    "compile_cache": args.compile_cache,
+                    "torch_channels_last": args.torch_channels_last, "conv_impl": impl}
+            j = _run_worker("jax", spec, args.timeout)
+            resolved = j.get("spec", spec)
+            row = {"config": name, "grid": resolved["grid"], "batch": resolved["batch"],
+                   "augment": aug, "dtype": dtype, "cores": j.get("cores", cores),
+                   "conv_impl": impl, "jaxsurv": j}
+            if not args.no_torch and "error" not in j:
+              if t is None:
+                t = _run_worker("torch", resolved, args.timeout)
+              row["torch"] = t
+              if "step_s_median" in t:
+                row["ratio_jax_over_torch"] = j["step_s_median"] / t["step_s_median"]
+                row["ratio_min_jax_over_torch"] = j["step_s_min"] / t["step_s_min"]
+                if t["n_params"] != j["n_params"]:
+                  row["param_mismatch"] = f"jaxsurv {j['n_params']} vs torch {t['n_params']}"
+            rows.append(row)
+            print(RESULT_TAG + json.dumps(row), flush=True)
   meta["loadavg_end"] = os.getloadavg()
   meta["timing"] = "; ".join(timing)
   print(f"load average at end: {meta['loadavg_end']}", flush=True)

@@ -9,7 +9,7 @@ schedule (max lr 5e-4), weight decay 1e-4, 200 epochs, blending every 5 epochs.
   python launch.py --config=configs/mmnn.py --workdir=runs/mmnn
 
 Variants are selected by the config argument (comma separated):
-  local               small grid and network; finishes within ~15 min on 2 CPU cores
+  local               small grid and network; about 2-3 min on 2 CPU cores
   cohort=NAME         rotterdam_rendered (default), sarcoma_phantom, or a path
                       to a manifest CSV (then set --config.data.numeric etc.)
   modalities=image    image only; modalities=clinical: clinical only
@@ -18,9 +18,11 @@ Variants are selected by the config argument (comma separated):
   python launch.py --config=configs/mmnn.py:local --workdir=runs/local
   python launch.py --config=configs/mmnn.py:local,modalities=clinical --workdir=runs/local_clin
 
-Expected results (``local`` on rotterdam_rendered, 2 CPU cores, about 8-9
-min; test split, Harrell's C with bootstrap SD): multimodal OS 0.71 (0.017),
-DM 0.69 (0.018), measured 0.709 / 0.691 on 2026-12-01 (selected epoch 13;
+Expected results (``local`` on rotterdam_rendered, 2 CPU cores, about 2 min
+15 s with the cohort prepared; test split, Harrell's C with bootstrap SD):
+multimodal OS 0.71 (0.017), DM 0.69 (0.017), measured 0.705 / 0.686 on
+2026-12-02 (selected epoch 21; 0.709 / 0.691 on 2026-12-01 with XLA's 3D
+convolutions, which are slower on CPU: same maths, other float32 rounding;
 runs on other machines of the same kind varied by about 0.01); clinical only
 0.705 / 0.677; image only 0.628 / 0.611. The paper's default config has not
 been run here (no GPU host).
@@ -81,7 +83,11 @@ def get_config(arg=None):
   c.model.name = "mmnn"  # jaxsurv.models.registry
   c.model.image = ml_collections.ConfigDict(dict(
       init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), bn_size=4,
-      dropout_rate=0.2, features=12, head_dropout_rate=0.2, norm="batch", remat=False))
+      dropout_rate=0.2, features=12, head_dropout_rate=0.2, norm="batch", remat=False,
+      # How the 3^3 convolutions run: "auto" = one 2D convolution over depth
+      # slices on CPU (XLA's CPU 3D convolution is slow), cuDNN's 3D one on
+      # GPU; "native" or "slices" to force one. Same maths either way.
+      conv_impl="auto"))
   c.model.clinical = ml_collections.ConfigDict(dict(
       hidden_sizes=(32, 16, 8, 8, 8), features=12, dropout_rate=0.2, norm="batch"))
   c.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters.
@@ -125,7 +131,7 @@ def get_config(arg=None):
     c.grad_accum_steps = 1
     # 24 epochs with blending every 4: validation C-index 0.654 (OS) / 0.635
     # (DM) against 0.640 / 0.628 with 12 epochs every 3 (rotterdam_rendered,
-    # chosen on the validation split only); about 9 minutes on 2 idle cores.
+    # chosen on the validation split only); about 2 minutes on 2 idle cores.
     c.num_epochs = 24
     c.eval_batch_size = 64
     # Decoupled weight decay (AdamW), as in every earlier local run.

@@ -47,7 +47,10 @@ FORMAT = 1
 # config is compared with a new one (dotted paths): the progress bar, how often
 # progress is logged, and how many processes prepare the cohort once (the
 # prepared data is the same for any number).
-IGNORED_FIELDS = frozenset({"progress_bar", "log_every_steps", "data.prepare_workers"})
+# Fields that change how a run computes or reports, not what it computes
+# (model.image.conv_impl: the same convolution up to float32 summation order).
+IGNORED_FIELDS = frozenset({"progress_bar", "log_every_steps", "data.prepare_workers",
+                            "model.image.conv_impl"})
 
 _SHORT = 12  # Hex digits of a fingerprint shown in messages.
 

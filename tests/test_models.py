@@ -191,7 +191,8 @@ def test_densenet_remat_wraps_dense_layers():
   # regions and the gradient recomputes the dense layers' convolutions
   # (more conv ops than without remat); the parameter tree is identical, so
   # checkpoints are interchangeable.
-  cfg = dict(TINY, norm="group", num_groups=4)
+  # Native convolutions: the counts below are of conv_general_dilated ops.
+  cfg = dict(TINY, norm="group", num_groups=4, conv_impl="native")
   x = jnp.zeros((1, 16, 16, 16, 2))
   plain, remat = DenseNet3D(**cfg), DenseNet3D(**cfg, remat=True)
   init = lambda m: jax.eval_shape(

@@ -36,6 +36,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxsurv.models.conv import Conv3D
+
 # PyTorch's default ``nn.Linear`` weight init for the head; MONAI zeroes the
 # Linear bias.
 from jaxsurv.models.common import torch_linear_init
@@ -93,18 +95,20 @@ class DenseLayer(nn.Module):
   norm: str = "batch"  # "batch" or "group".
   num_groups: int = 32  # GroupNorm only.
   dtype: Any = None  # Computation dtype.
+  conv_impl: str = "auto"  # "auto", "native" or "slices" (jaxsurv/models/conv.py).
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = _Norm(self.norm, self.num_groups, self.dtype, name="norm1")(x, train)
     y = nn.relu(y)
-    y = nn.Conv(self.bn_size * self.growth_rate, (1, 1, 1), use_bias=False,
-                kernel_init=kaiming_normal, dtype=self.dtype, name="conv1")(y)
+    y = Conv3D(self.bn_size * self.growth_rate, (1, 1, 1), padding=((0, 0),) * 3,
+               use_bias=False, kernel_init=kaiming_normal, dtype=self.dtype,
+               impl=self.conv_impl, name="conv1")(y)
     y = _Norm(self.norm, self.num_groups, self.dtype, name="norm2")(y, train)
     y = nn.relu(y)
-    y = nn.Conv(self.growth_rate, (3, 3, 3), padding=((1, 1),) * 3,
-                use_bias=False, kernel_init=kaiming_normal, dtype=self.dtype,
-                name="conv2")(y)
+    y = Conv3D(self.growth_rate, (3, 3, 3), padding=((1, 1),) * 3,
+               use_bias=False, kernel_init=kaiming_normal, dtype=self.dtype,
+               impl=self.conv_impl, name="conv2")(y)
     if self.dropout_rate > 0:
       # Broadcast the mask over depth/height/width: whole channels drop out.
       y = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2, 3),
@@ -135,6 +139,12 @@ class DenseNet3D(nn.Module):
       respect to it gives d(output)/d(last dense block), for Grad-CAM. Off by
       default because ``init`` then also returns a batch-sized
       ``perturbations`` collection.
+    conv_impl: how the convolutions run (``jaxsurv.models.conv.Conv3D``):
+      ``"auto"`` (default: on CPU the 1^3 ones as matrix products and the
+      others as one 2D convolution over depth slices; cuDNN's 3D
+      convolutions elsewhere), ``"native"`` or ``"slices"``. Same
+      parameters and, up to float32 summation order, the same outputs
+      either way.
 
   Call: ``embedding, intermediates = model.apply(variables, x, train=...)``.
   """
@@ -150,6 +160,7 @@ class DenseNet3D(nn.Module):
   remat: bool = False  # Rematerialise dense layers (saves memory).
   dtype: Any = None  # Computation dtype; None = float32 (input dtype).
   perturb_last_block: bool = False  # Grad-CAM hook, see docstring.
+  conv_impl: str = "auto"  # Stem and dense-layer convolutions (see docstring).
   # Stem conv kernel (DenseNet-121: 7). A 3^3 stem is ~13x cheaper: XLA's CPU
   # convolutions with 2 input channels are slow, which the CPU configs avoid.
   stem_kernel: int = 7
@@ -220,9 +231,9 @@ class DenseNet3D(nn.Module):
     if self.dtype is not None:
       x = x.astype(self.dtype)
     k = self.stem_kernel
-    x = nn.Conv(self.init_features, (k, k, k), strides=(2, 2, 2),
-                padding=(((k - 1) // 2, k // 2),) * 3, use_bias=False, kernel_init=kaiming_normal,
-                dtype=self.dtype, name="conv0")(x)
+    x = Conv3D(self.init_features, (k, k, k), strides=(2, 2, 2),
+               padding=(((k - 1) // 2, k // 2),) * 3, use_bias=False, kernel_init=kaiming_normal,
+               dtype=self.dtype, impl=self.conv_impl, name="conv0")(x)
     x = _Norm(self.norm, self.num_groups, self.dtype, name="norm0")(x, train)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=((1, 1),) * 3)
@@ -238,6 +249,7 @@ class DenseNet3D(nn.Module):
         x = layer_cls(growth_rate=self.growth_rate, bn_size=self.bn_size,
                       dropout_rate=self.dropout_rate, norm=self.norm,
                       num_groups=self.num_groups, dtype=self.dtype,
+                      conv_impl=self.conv_impl,
                       name=f"block{b + 1}_layer{l + 1}")(x, train)
       channels += n_layers * self.growth_rate
       out[f"block_{b + 1}"] = x
@@ -246,9 +258,9 @@ class DenseNet3D(nn.Module):
                   name=f"transition{b + 1}_norm")(x, train)
         x = nn.relu(x)
         channels //= 2  # MONAI: int(in_channels // 2).
-        x = nn.Conv(channels, (1, 1, 1), use_bias=False,
-                    kernel_init=kaiming_normal, dtype=self.dtype,
-                    name=f"transition{b + 1}_conv")(x)
+        x = Conv3D(channels, (1, 1, 1), padding=((0, 0),) * 3, use_bias=False,
+                   kernel_init=kaiming_normal, dtype=self.dtype, impl=self.conv_impl,
+                   name=f"transition{b + 1}_conv")(x)
         x = nn.avg_pool(x, (2, 2, 2), strides=(2, 2, 2))
 
     if self.perturb_last_block:

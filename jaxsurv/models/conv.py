@@ -1,0 +1,150 @@
+"""3D convolution with a backend-chosen implementation, Flax Linen.
+
+``Conv3D`` computes exactly what ``flax.linen.Conv`` computes for a 3D
+kernel (same ``kernel`` ``[kd, kh, kw, in, out]`` and ``bias`` parameters,
+so checkpoints are interchangeable), in one of two ways:
+
+* ``"native"``: one ``lax.conv_general_dilated`` over ``[batch, depth,
+  height, width, channels]`` (cuDNN on GPU);
+* ``"slices"``: the depth axis is unrolled. For a kernel of depth ``kd``,
+  depth stride ``s`` and depth padding ``(p0, p1)``::
+
+    y[:, z] = sum_k conv2d(x_pad[:, s z + k], W[k])      k = 0 .. kd - 1
+
+  computed as ONE 2D convolution over the ``batch * depth_out`` slices whose
+  channels are the ``kd`` depth-shifted copies of the input stacked
+  (``[kd * in]`` channels against the kernel reshaped to ``[kh, kw, kd * in,
+  out]``). XLA's CPU backend runs 2D convolutions several times faster than
+  3D ones (see ``benchmarks/RESULTS.md``), at the cost of ``kd`` copies of
+  the input in memory.
+* ``"dot"``: a 1^3 kernel with stride 1 as a matrix product over the
+  channels (``einsum``), which XLA's CPU backend runs about twice as fast as
+  the equivalent 3D convolution;
+* ``"auto"`` (default): on the CPU backend ``"dot"`` for 1^3 kernels with
+  stride 1 and ``"slices"`` for the others; elsewhere ``"native"``.
+
+Both give the same outputs and gradients up to float32 summation order
+(``tests/test_models.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "native", "slices", "dot")
+
+
+def _pairs(padding, kernel_size) -> tuple:
+  if isinstance(padding, str):
+    if padding.upper() != "SAME":
+      raise ValueError(f"Conv3D padding must be 'SAME' or ((lo, hi),) * 3, got {padding!r}")
+    return tuple(((k - 1) // 2, k // 2) for k in kernel_size)
+  pads = tuple(tuple(int(v) for v in p) for p in padding)
+  if len(pads) != 3 or any(len(p) != 2 for p in pads):
+    raise ValueError(f"Conv3D padding must be three (lo, hi) pairs, got {padding!r}")
+  return pads
+
+
+def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
+                backend: str | None = None) -> str:
+  """``"native"`` or ``"slices"`` for a setting (``impl="auto"``: by backend).
+
+  Raises:
+    ValueError: unknown ``impl``.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"Conv3D impl must be one of {IMPLS}, got {impl!r}")
+  pointwise = tuple(kernel_size) == (1, 1, 1) and tuple(strides) == (1, 1, 1)
+  if impl == "dot" and not pointwise:
+    raise ValueError(f"Conv3D impl='dot' needs a 1^3 kernel with stride 1, got kernel "
+                     f"{tuple(kernel_size)}, strides {tuple(strides)}")
+  if impl != "auto":
+    return impl
+  if (backend or jax.default_backend()) != "cpu":
+    return "native"
+  return "dot" if pointwise else "slices"
+
+
+def conv3d_slices(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                  padding: Sequence[Sequence[int]]) -> jax.Array:
+  """3D convolution as one 2D convolution over depth slices (module docstring).
+
+  Args:
+    x: ``[batch, depth, height, width, in]``.
+    kernel: ``[kd, kh, kw, in, out]``.
+    strides: ``(sd, sh, sw)``.
+    padding: ``((d0, d1), (h0, h1), (w0, w1))``.
+
+  Returns:
+    ``[batch, depth_out, height_out, width_out, out]``, as
+    ``lax.conv_general_dilated`` with the same arguments.
+  """
+  b, d, h, w, c = x.shape
+  kd, kh, kw, _, o = kernel.shape
+  (d0, d1), hp, wp = padding
+  sd = strides[0]
+  xp = jnp.pad(x, ((0, 0), (d0, d1), (0, 0), (0, 0), (0, 0)))
+  d_out = (d + d0 + d1 - kd) // sd + 1
+  stacked = jnp.concatenate([xp[:, k:k + sd * (d_out - 1) + 1:sd] for k in range(kd)], axis=-1)
+  stacked = stacked.reshape(b * d_out, h, w, kd * c)
+  k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, o)
+  y = jax.lax.conv_general_dilated(stacked, k2, tuple(strides[1:]), (tuple(hp), tuple(wp)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape(b, d_out, *y.shape[1:])
+
+
+class Conv3D(nn.Module):
+  """``nn.Conv`` for 3D kernels with a choice of implementation.
+
+  Attributes:
+    features: output channels.
+    kernel_size: ``(kd, kh, kw)`` in voxels.
+    strides: ``(sd, sh, sw)``.
+    padding: ``"SAME"`` or ``((lo, hi),) * 3`` in voxels.
+    use_bias: add a bias.
+    kernel_init, bias_init: initialisers (as ``nn.Conv``).
+    dtype: computation dtype (None: that of the input and kernel, promoted).
+    impl: ``"auto"``, ``"native"`` or ``"slices"`` (module docstring).
+
+  ``__call__(x)``: ``x`` ``[batch, depth, height, width, in]`` ->
+  ``[batch, depth', height', width', features]``.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3, 3)
+  strides: Sequence[int] = (1, 1, 1)
+  padding: Any = "SAME"
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+  dtype: Any = None
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    ks, st = tuple(self.kernel_size), tuple(self.strides)
+    if x.ndim != 5 or len(ks) != 3 or len(st) != 3:
+      raise ValueError(f"Conv3D expects [batch, depth, height, width, channels] and 3D kernel "
+                       f"and strides, got input {tuple(x.shape)}, kernel {ks}, strides {st}")
+    kernel = self.param("kernel", self.kernel_init, (*ks, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pads = _pairs(self.padding, ks)
+    impl = choose_impl(self.impl, ks, st)
+    if impl == "dot" and any(p != (0, 0) for p in pads):
+      impl = "native"  # A padded 1^3 convolution is not a plain product.
+    if impl == "slices":
+      y = conv3d_slices(x, kernel, st, pads)
+    elif impl == "dot":
+      y = jnp.einsum("bdhwc,co->bdhwo", x, kernel[0, 0, 0])
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, st, pads,
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    if bias is not None:
+      y = y + bias
+    return y

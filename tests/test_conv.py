@@ -1,0 +1,137 @@
+"""Conv3D's depth-slice implementation against the plain 3D convolution.
+
+Forward values and gradients (input and kernel) of ``conv3d_slices`` must
+match ``lax.conv_general_dilated``; ``Conv3D`` must have ``nn.Conv``'s
+parameters; DenseNet3D and the whole MMNN train step must give the same
+outputs, gradients and updated parameters with either implementation.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsurv import tasks
+from jaxsurv.models import MMNN, registry
+from jaxsurv.models.conv import Conv3D, choose_impl, conv3d_slices
+from jaxsurv.models.densenet3d import DenseNet3D
+from jaxsurv.trainer import step as step_lib
+
+DN = ("NDHWC", "DHWIO", "NDHWC")
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((3, 3, 3), (1, 1, 1), ((1, 1), (1, 1), (1, 1))),
+    ((3, 1, 3), (1, 2, 1), ((2, 0), (0, 0), (1, 1))),  # asymmetric padding, in-plane stride
+    ((2, 3, 3), (1, 1, 2), ((0, 1), (1, 1), (0, 0))),
+    ((3, 3, 3), (2, 2, 2), ((1, 1), (1, 1), (1, 1))),  # the DenseNet stem: stride 2
+    ((7, 7, 7), (2, 2, 2), ((3, 3), (3, 3), (3, 3))),
+])
+def test_slices_equal_the_plain_convolution_and_its_gradients(kernel, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 6, 7, 3))
+  w = jax.random.normal(jax.random.key(1), (*kernel, 3, 4))
+  native = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,
+                                                     dimension_numbers=DN)
+  sliced = lambda x, w: conv3d_slices(x, w, strides, padding)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                  atol=2e-6 * float(np.abs(b).max()))
+  close(sliced(x, w), native(x, w))
+  r = jax.random.normal(jax.random.key(2), native(x, w).shape)  # a fixed output cotangent
+  loss = lambda f: lambda x, w: jnp.sum(r * f(x, w))
+  g_native = jax.grad(loss(native), argnums=(0, 1))(x, w)
+  g_sliced = jax.grad(loss(sliced), argnums=(0, 1))(x, w)
+  for a, b in zip(g_sliced, g_native):
+    close(a, b)
+
+
+def test_conv3d_module_has_nn_conv_parameters_and_values():
+  x = jax.random.normal(jax.random.key(2), (2, 4, 5, 6, 3))
+  ref = nn.Conv(4, (3, 3, 3), padding=((1, 1),) * 3, use_bias=True)
+  v = ref.init(jax.random.key(3), x)
+  pointwise = nn.Conv(4, (1, 1, 1), use_bias=False)
+  vp = pointwise.init(jax.random.key(3), x)
+  for impl in ("native", "dot", "auto"):
+    mine = Conv3D(4, (1, 1, 1), padding="SAME", use_bias=False, impl=impl)
+    np.testing.assert_allclose(mine.apply(vp, x), pointwise.apply(vp, x), atol=2e-5, rtol=1e-5)
+  for impl in ("native", "slices", "auto"):
+    mine = Conv3D(4, (3, 3, 3), padding=((1, 1),) * 3, use_bias=True, impl=impl)
+    assert jax.tree.map(jnp.shape, mine.init(jax.random.key(3), x)) == jax.tree.map(jnp.shape, v)
+    np.testing.assert_allclose(mine.apply(v, x), ref.apply(v, x), atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    Conv3D(4, impl="fast").init(jax.random.key(0), x)
+
+
+def test_auto_picks_slices_on_cpu_only():
+  assert choose_impl("auto", (3, 3, 3), (1, 1, 1), backend="cpu") == "slices"
+  assert choose_impl("auto", (3, 3, 3), (1, 1, 1), backend="gpu") == "native"
+  assert choose_impl("auto", (1, 1, 1), (1, 1, 1), backend="cpu") == "dot"
+  assert choose_impl("auto", (1, 1, 1), (1, 1, 1), backend="gpu") == "native"
+  with pytest.raises(ValueError, match="1\\^3 kernel"):
+    choose_impl("dot", (3, 3, 3), (1, 1, 1), backend="cpu")
+  assert choose_impl("auto", (7, 7, 7), (2, 2, 2), backend="cpu") == "slices"
+  assert choose_impl("native", (3, 3, 3), (1, 1, 1), backend="cpu") == "native"
+
+
+def _densenet(impl):  # "slices": 1^3 convolutions stay native
+  return DenseNet3D(init_features=4, growth_rate=3, block_config=(2, 1), bn_size=2,
+                    dropout_rate=0.0, head_dropout_rate=0.0, stem_kernel=3, conv_impl=impl)
+
+
+def test_densenet_outputs_and_gradients_do_not_depend_on_the_implementation():
+  x = jax.random.normal(jax.random.key(4), (2, 12, 12, 12, 2))
+  init = lambda impl: functools.partial(_densenet(impl).init, train=False)
+  v = jax.jit(init("native"))(jax.random.key(5), x)
+  outs, grads = {}, {}
+  for impl in ("native", "slices", "auto"):
+    model = _densenet(impl)
+    assert jax.tree.map(jnp.shape, jax.eval_shape(init(impl), jax.random.key(5), x)) == \
+        jax.tree.map(jnp.shape, v)
+
+    def loss(params, model=model):
+      (emb, _), _ = model.apply({**v, "params": params}, x, train=True,
+                                mutable=["batch_stats"])
+      return jnp.sum(emb ** 2), emb
+    (_, outs[impl]), grads[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+  for impl in ("slices", "auto"):
+    np.testing.assert_allclose(outs[impl], outs["native"], atol=1e-4, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(grads[impl]), jax.tree.leaves(grads["native"])):
+      np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_mmnn_train_step_is_the_same_with_either_implementation():
+  rng = np.random.default_rng(0)
+  b = 4
+  batch = {"inputs": {"image": rng.normal(size=(b, 16, 16, 16, 2)).astype(np.float32),
+                      "clinical": rng.normal(size=(b, 3)).astype(np.float32)},
+           "presence": {}, "duration": rng.integers(1, 6, size=(b, 2)).astype(np.float32),
+           "event": np.array([[1, 0], [1, 1], [0, 1], [1, 1]], np.int32),
+           "outcome_mask": np.ones((b, 2), bool), "mask": np.ones(b, bool)}
+  tx = optax.identity()
+  results = {}
+  for impl in ("native", "auto"):
+    model = MMNN(n_outcomes=2, image_kwargs=dict(init_features=4, growth_rate=3,
+                                                 block_config=(1, 1), bn_size=2,
+                                                 dropout_rate=0.0, head_dropout_rate=0.0,
+                                                 stem_kernel=3, conv_impl=impl),
+                 clinical_kwargs=dict(hidden_sizes=(8,), dropout_rate=0.0))
+    v = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), batch["inputs"]["image"][:1], batch["inputs"]["clinical"][:1])
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+                                batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
+    step = jax.jit(functools.partial(
+        step_lib.train_step, model=model, call=registry.get("mmnn").adapter, tx=tx,
+        task=tasks.CoxHeads(heads=("mm", "image", "clinical"), outcomes=("os", "dm")),
+        augment=None, l1=0.0, l1_include="all"))
+    results[impl] = step(state, batch, jax.random.key(1), jnp.float32(0.5),
+                         jnp.array([0.5, 0.3, 0.2]))
+  (s_n, m_n), (s_s, m_s) = results["native"], results["auto"]
+  np.testing.assert_allclose(m_s["loss"], m_n["loss"], rtol=1e-5)
+  moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(c))))
+              for a, c in zip(jax.tree.leaves(s_n.params), jax.tree.leaves(v["params"])))
+  assert moved > 1e-3  # the step changed the parameters
+  for a, c in zip(jax.tree.leaves(s_s.params), jax.tree.leaves(s_n.params)):
+    np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4)
