@@ -60,9 +60,6 @@ ENV_COORDINATOR = "JAXSURV_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXSURV_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXSURV_PROCESS_ID"
 
-_state = {"initialized": False}
-
-
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the ``--distributed`` flags on ``flag_values`` (once)."""
   if "distributed" in flag_values:
@@ -162,10 +159,10 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   Raises:
     UserError: see :func:`settings`.
   """
-  s = settings(mode, coordinator_address, num_processes, process_id, env)
-  if s is None or _state["initialized"]:
-    return _state["initialized"]
   import jax  # pylint: disable=import-outside-toplevel
+  s = settings(mode, coordinator_address, num_processes, process_id, env)
+  if s is None or jax.distributed.is_initialized():
+    return jax.distributed.is_initialized()
   who = ("process " + ("?" if s["process_id"] is None else str(s["process_id"])) + " of "
          + ("?" if s["num_processes"] is None else str(s["num_processes"])))
   print(f"jaxsurv: {who}: connecting to the coordinator at "
@@ -185,7 +182,6 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
                                heartbeat_timeout_seconds=int(heartbeat_timeout), **kwargs)
   finally:
     done.set()
-  _state["initialized"] = True
   print(f"jaxsurv: process {jax.process_index()} of {jax.process_count()} connected "
         f"({jax.local_device_count()} local, {jax.device_count()} global devices)",
         file=sys.stderr, flush=True)
@@ -225,19 +221,17 @@ def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
 
 
 def process_index() -> int:
-  """This process's index (0 without ``jax.distributed``; no JAX start-up if so)."""
-  if not _state["initialized"]:
-    return 0
+  """This process's index: 0 unless ``jax.distributed`` was initialised (by
+  :func:`initialize` or by the caller's own code); no JAX backend start-up
+  on one process."""
   import jax  # pylint: disable=import-outside-toplevel
-  return jax.process_index()
+  return jax.process_index() if jax.distributed.is_initialized() else 0
 
 
 def process_count() -> int:
-  """Number of processes (1 without ``jax.distributed``)."""
-  if not _state["initialized"]:
-    return 1
+  """Number of processes (1 unless ``jax.distributed`` was initialised)."""
   import jax  # pylint: disable=import-outside-toplevel
-  return jax.process_count()
+  return jax.process_count() if jax.distributed.is_initialized() else 1
 
 
 def is_primary() -> bool:
