@@ -57,6 +57,9 @@ def test_conv3d_module_has_nn_conv_parameters_and_values():
   for impl in ("native", "dot", "auto"):
     mine = Conv3D(4, (1, 1, 1), padding="SAME", use_bias=False, impl=impl)
     np.testing.assert_allclose(mine.apply(vp, x), pointwise.apply(vp, x), atol=2e-5, rtol=1e-5)
+  padded = nn.Conv(4, (1, 1, 1), padding=((1, 1), (0, 0), (2, 0)), use_bias=False)
+  mine = Conv3D(4, (1, 1, 1), padding=((1, 1), (0, 0), (2, 0)), use_bias=False, impl="auto")
+  np.testing.assert_allclose(mine.apply(vp, x), padded.apply(vp, x), atol=2e-5, rtol=1e-5)
   for impl in ("native", "slices", "auto"):
     mine = Conv3D(4, (3, 3, 3), padding=((1, 1),) * 3, use_bias=True, impl=impl)
     assert jax.tree.map(jnp.shape, mine.init(jax.random.key(3), x)) == jax.tree.map(jnp.shape, v)
@@ -72,6 +75,11 @@ def test_auto_picks_slices_on_cpu_only():
   assert choose_impl("auto", (1, 1, 1), (1, 1, 1), backend="gpu") == "native"
   with pytest.raises(ValueError, match="1\\^3 kernel"):
     choose_impl("dot", (3, 3, 3), (1, 1, 1), backend="cpu")
+  # A padded 1^3 convolution is not a plain product.
+  padded = ((1, 1), (0, 0), (0, 0))
+  assert choose_impl("auto", (1, 1, 1), (1, 1, 1), backend="cpu", padding=padded) == "slices"
+  with pytest.raises(ValueError, match="unpadded"):
+    choose_impl("dot", (1, 1, 1), (1, 1, 1), backend="cpu", padding=padded)
   assert choose_impl("auto", (7, 7, 7), (2, 2, 2), backend="cpu") == "slices"
   assert choose_impl("native", (3, 3, 3), (1, 1, 1), backend="cpu") == "native"
 

@@ -17,11 +17,12 @@ so checkpoints are interchangeable), in one of two ways:
   out]``). XLA's CPU backend runs 2D convolutions several times faster than
   3D ones (see ``benchmarks/RESULTS.md``), at the cost of ``kd`` copies of
   the input in memory.
-* ``"dot"``: a 1^3 kernel with stride 1 as a matrix product over the
+* ``"dot"``: an unpadded 1^3 kernel with stride 1 as a matrix product over the
   channels (``einsum``), which XLA's CPU backend runs about twice as fast as
   the equivalent 3D convolution;
-* ``"auto"`` (default): on the CPU backend ``"dot"`` for 1^3 kernels with
-  stride 1 and ``"slices"`` for the others; elsewhere ``"native"``.
+* ``"auto"`` (default): on the CPU backend ``"dot"`` for unpadded 1^3
+  kernels with stride 1 and ``"slices"`` for the others; elsewhere
+  ``"native"``.
 
 Both give the same outputs and gradients up to float32 summation order
 (``tests/test_models.py``).
@@ -50,18 +51,23 @@ def _pairs(padding, kernel_size) -> tuple:
 
 
 def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
-                backend: str | None = None) -> str:
-  """``"native"`` or ``"slices"`` for a setting (``impl="auto"``: by backend).
+                backend: str | None = None,
+                padding: Sequence[Sequence[int]] = ((0, 0),) * 3) -> str:
+  """``"native"``, ``"slices"`` or ``"dot"`` for a setting (``impl="auto"``:
+  by backend; ``"dot"`` only for an unpadded 1^3 kernel with stride 1).
 
   Raises:
-    ValueError: unknown ``impl``.
+    ValueError: unknown ``impl``, or ``"dot"`` for another kernel, stride or
+      padding.
   """
   if impl not in IMPLS:
     raise ValueError(f"Conv3D impl must be one of {IMPLS}, got {impl!r}")
-  pointwise = tuple(kernel_size) == (1, 1, 1) and tuple(strides) == (1, 1, 1)
+  pointwise = (tuple(kernel_size) == (1, 1, 1) and tuple(strides) == (1, 1, 1)
+               and all(tuple(p) == (0, 0) for p in padding))
   if impl == "dot" and not pointwise:
-    raise ValueError(f"Conv3D impl='dot' needs a 1^3 kernel with stride 1, got kernel "
-                     f"{tuple(kernel_size)}, strides {tuple(strides)}")
+    raise ValueError(f"Conv3D impl='dot' needs an unpadded 1^3 kernel with stride 1, got "
+                     f"kernel {tuple(kernel_size)}, strides {tuple(strides)}, padding "
+                     f"{tuple(map(tuple, padding))}")
   if impl != "auto":
     return impl
   if (backend or jax.default_backend()) != "cpu":
@@ -135,9 +141,7 @@ class Conv3D(nn.Module):
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     pads = _pairs(self.padding, ks)
-    impl = choose_impl(self.impl, ks, st)
-    if impl == "dot" and any(p != (0, 0) for p in pads):
-      impl = "native"  # A padded 1^3 convolution is not a plain product.
+    impl = choose_impl(self.impl, ks, st, padding=pads)
     if impl == "slices":
       y = conv3d_slices(x, kernel, st, pads)
     elif impl == "dot":
