@@ -47,6 +47,20 @@ _CLINICAL = {
 _FOV_MM = {"rotterdam_rendered": (96.0, 96.0, 96.0), "sarcoma_phantom": (160.0, 160.0, 160.0)}
 
 
+_COMPARE = {
+    "rotterdam_rendered": dict(
+        sarculator=("age", "render_size", "render_grade"),
+        clinical=_CLINICAL["rotterdam_rendered"]["numeric"]
+        + _CLINICAL["rotterdam_rendered"]["categorical"] + ("render_size", "render_grade"),
+        size_grade=("render_size", "render_grade")),
+    "sarcoma_phantom": dict(
+        sarculator=("age", "size_cm", "grade", "histotype"),
+        clinical=_CLINICAL["sarcoma_phantom"]["numeric"]
+        + _CLINICAL["sarcoma_phantom"]["categorical"],
+        size_grade=("size_cm", "grade")),
+}
+
+
 def get_config(arg=None):
   """Returns the MMNN config; see the module docstring for ``arg``."""
   a = parse_arg(arg, local=False, cohort="rotterdam_rendered", modalities="image+clinical",
@@ -118,6 +132,19 @@ def get_config(arg=None):
 
   c.eval = ml_collections.ConfigDict(dict(
       horizons_years=(2.0, 5.0), bootstrap_resamples=200))
+  # python -m jaxsurv.compare mmnn (Table 3): the variables of the classical
+  # rows, per cohort. "sarculator": the Sarculator nomogram's age, tumour
+  # size, grade and histology where the cohort has them (rotterdam_rendered is
+  # breast cancer: no histology; its size band and grade are the ones the
+  # images were rendered from, kept out of the networks' clinical table);
+  # "clinical": the larger clinical model. "size_grade": the cohort's tumour
+  # size and grade columns (the table says which rows saw them).
+  c.compare = ml_collections.ConfigDict(_COMPARE.get(a["cohort"], dict(
+      sarculator=("age", "size", "grade", "histology"), clinical=tuple(c.data.numeric)
+      + tuple(c.data.categorical), size_grade=())))
+  c.compare.rsf = ml_collections.ConfigDict(dict(
+      n_estimators=200, min_samples_leaf=15, max_features="sqrt", n_jobs=-1))
+
   c.log_every_steps = 10  # Non-finite loss check and progress every 10 steps.
   c.progress_bar = True
   c.selection = "val_loss"  # Unweighted mm-head Cox loss on the whole validation split.

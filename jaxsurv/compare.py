@@ -1,0 +1,558 @@
+r"""MMNN's model comparison (the MMNN paper, Table 3), one command.
+
+  python -m jaxsurv.compare mmnn --config=configs/mmnn.py:local --out=DIR [--seeds=3]
+      [--rows=sarculator_coxph,...] [--config.num_epochs=...]
+
+Every row is fitted on the same patient-level train/val/test split of the
+configured cohort (``jaxsurv.train.make_splits``) and scored on the same
+test patients:
+
+* ``sarculator_coxph`` / ``sarculator_rsf``: the Sarculator nomogram's
+  variables (age, tumour size, grade, histology: Callegaro et al., Lancet
+  Oncol 2016), as far as the cohort has them (``config.compare.sarculator``),
+  with scikit-survival's ``CoxPHSurvivalAnalysis`` and
+  ``RandomSurvivalForest``;
+* ``clinical_rsf``: the larger clinical model (the MMNN clinical variables,
+  ``config.compare.clinical``) with a random survival forest;
+* ``radiomics_rsf``, ``radiomics_clinical_rsf``, ``radiomics_clinical_coxnet``:
+  listed as skipped (radiomics features are not extracted yet);
+* ``densenet``: the image-only network (``modalities=image``);
+* ``mmnn_noblend``: the multimodal network with gradient blending off
+  (fixed, equal head weights);
+* ``mmnn``: the multimodal network as configured;
+* ``oracle``: on a synthetic cohort with the true linear predictor
+  (``eta_<outcome>`` columns, e.g. ``sarcoma_phantom``), its C-index on the
+  same test patients: the ceiling of any model.
+
+The classical rows take the variables from the cohort table (tumour size and
+grade too, even where the networks' clinical table leaves them to the image:
+the table says which rows saw them), standardised / one-hot encoded on the
+training part (``jaxsurv.data.clinical.ClinicalPreprocessor``), one model
+per outcome. The network rows train through the shared trainer
+(``jaxsurv.train.train_and_evaluate``), once per seed (``--seeds``, seed =
+``config.seed + k``), each in ``DIR/runs/<row>/seed_<k>`` (a killed run
+resumes from its checkpoint; a finished one is reused).
+
+Metrics per row and outcome (``jaxsurv.evaluate.evaluate_outcome``):
+Harrell's C with its bootstrap SD, the integrated Brier score and the
+cumulative/dynamic AUC at 5 years (Cox rows: Breslow baseline on the
+training risks; forests: their own survival functions). Network rows also
+give the mean and SD of C over seeds. Paired comparison: on the same
+bootstrap resamples of the test patients (``metrics.bootstrap_weights``),
+the seed-mean C of MMNN minus the seed-mean C of the row, with its 95%
+percentile interval; "MMNN better" when the interval lies above 0.
+
+Outputs: ``DIR/table3.csv``, ``DIR/table3.md`` (with a paragraph saying
+whether MMNN beats each row), ``DIR/rows/<row>.json`` (finished rows, reused
+on a rerun) and ``DIR/compare.json`` (the config: a DIR made with another
+config is refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pathlib
+import sys
+import time
+from typing import Mapping, Sequence
+
+import ml_collections
+import numpy as np
+import pandas as pd
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaxsurv import cli
+from jaxsurv import evaluate
+from jaxsurv import io as io_lib
+from jaxsurv import survival
+from jaxsurv.errors import UserError
+
+log = logging.getLogger("jaxsurv")
+
+CLASSICAL = ("sarculator_coxph", "sarculator_rsf", "clinical_rsf")
+RADIOMICS = ("radiomics_rsf", "radiomics_clinical_rsf", "radiomics_clinical_coxnet")
+NETWORKS = ("densenet", "mmnn_noblend", "mmnn")
+ORACLE = "oracle"
+ROWS = CLASSICAL + RADIOMICS + NETWORKS + (ORACLE,)
+LABELS = {
+    "sarculator_coxph": "Sarculator variables, CoxPH",
+    "sarculator_rsf": "Sarculator variables, RSF",
+    "clinical_rsf": "Clinical variables, RSF",
+    "radiomics_rsf": "Radiomics, RSF",
+    "radiomics_clinical_rsf": "Radiomics + clinical, RSF",
+    "radiomics_clinical_coxnet": "Radiomics + clinical, elastic-net Cox",
+    "densenet": "Unimodal DenseNet (image)",
+    "mmnn_noblend": "MMNN without gradient blending",
+    "mmnn": "MMNN",
+    "oracle": "Oracle (true linear predictor)",
+}
+HORIZON_YEARS = 5.0
+
+
+# ----------------------------------------------------------------------------
+# Classical rows.
+# ----------------------------------------------------------------------------
+
+
+def split_variables(table: pd.DataFrame, names: Sequence[str]) -> tuple[list, list, list]:
+  """``(numeric, categorical, missing)`` columns of ``names`` in ``table``.
+
+  A column is numeric when its dtype is a number or bool, categorical
+  otherwise (e.g. a size band ``"20-50"``).
+  """
+  numeric, categorical, missing = [], [], []
+  for n in names:
+    if n not in table.columns:
+      missing.append(n)
+    elif pd.api.types.is_numeric_dtype(table[n]) or pd.api.types.is_bool_dtype(table[n]):
+      numeric.append(n)
+    else:
+      categorical.append(n)
+  return numeric, categorical, missing
+
+
+def design_matrices(table: pd.DataFrame, part_ids: Mapping[str, np.ndarray],
+                    numeric: Sequence[str], categorical: Sequence[str]):
+  """``({part: X [n, features]}, feature names)``, preprocessing fitted on ``train``.
+
+  Numerics standardised and categoricals one-hot encoded on the training
+  part, missing values imputed and flagged
+  (``jaxsurv.data.clinical.ClinicalPreprocessor``); a level seen only outside
+  training is all zeros.
+  """
+  from jaxsurv.data import clinical as clinical_lib  # pylint: disable=import-outside-toplevel
+  by_id = table.set_index(table["patient_id"].astype(str))
+  pre = clinical_lib.ClinicalPreprocessor(numeric=numeric, categorical=categorical,
+                                          handle_unknown="ignore")
+  pre.fit(by_id.loc[part_ids["train"]].reset_index(drop=True))
+  xs = {p: pre.transform(by_id.loc[ids].reset_index(drop=True)).astype(np.float64)
+        for p, ids in part_ids.items()}
+  return xs, list(pre.feature_names)
+
+
+def fit_classical(kind: str, x_train: np.ndarray, duration: np.ndarray, event: np.ndarray,
+                  *, seed: int, rsf: Mapping | None = None):
+  """A fitted scikit-survival model: ``"coxph"`` or ``"rsf"``.
+
+  Args:
+    kind: ``"coxph"`` (``CoxPHSurvivalAnalysis``, Breslow ties, a tiny ridge
+      ``alpha=1e-4`` for collinear one-hot columns) or ``"rsf"``
+      (``RandomSurvivalForest(**rsf, random_state=seed)``).
+    x_train: ``[n, features]``. duration: ``[n]`` days. event: ``[n]`` 0/1.
+
+  Raises:
+    ValueError: an unknown ``kind``.
+  """
+  from sksurv.util import Surv  # pylint: disable=import-outside-toplevel
+  y = Surv.from_arrays(event=np.asarray(event).astype(bool), time=np.asarray(duration, float))
+  if kind == "coxph":
+    from sksurv.linear_model import CoxPHSurvivalAnalysis  # pylint: disable=import-outside-toplevel
+    return CoxPHSurvivalAnalysis(alpha=1e-4, ties="breslow").fit(x_train, y)
+  if kind == "rsf":
+    from sksurv.ensemble import RandomSurvivalForest  # pylint: disable=import-outside-toplevel
+    return RandomSurvivalForest(**dict(rsf or {}), random_state=seed).fit(x_train, y)
+  raise ValueError(f"kind must be 'coxph' or 'rsf', got {kind!r}")
+
+
+def _forest_survival(model, x: np.ndarray):
+  """``survival_fn(times [T] days) -> [n, T]``: the forest's own step functions.
+
+  ``S(t)`` is the forest's survival at the last of its event times ``<= t``
+  (1 before the first).
+  """
+  surv = model.predict_survival_function(x, return_array=True)  # [n, unique event times]
+  grid = np.asarray(model.unique_times_, float)
+  surv = np.concatenate([np.ones((surv.shape[0], 1)), surv], axis=1)
+
+  def fn(times):
+    idx = np.searchsorted(grid, np.asarray(times, float), side="right")
+    return surv[:, idx]
+  return fn
+
+
+def _targets(arrays_table: pd.DataFrame, ids: np.ndarray, outcomes: Sequence[str]):
+  by_id = arrays_table.set_index(arrays_table["patient_id"].astype(str)).loc[ids]
+  d = np.stack([by_id[f"{o}_time"].to_numpy(float) for o in outcomes], 1)
+  e = np.stack([by_id[f"{o}_event"].to_numpy(float) for o in outcomes], 1)
+  m = np.isfinite(d) & np.isfinite(e)
+  return np.where(m, d, 0.0), np.where(m, e, 0).astype(int), m
+
+
+def classical_row(row: str, table: pd.DataFrame, part_ids: Mapping[str, np.ndarray],
+                  config) -> dict:
+  """Fits and evaluates one classical row; ``{"skipped": reason}`` when it cannot run."""
+  c = config.compare
+  names = tuple(c.sarculator if row.startswith("sarculator") else c.clinical)
+  numeric, categorical, missing = split_variables(table, names)
+  if not numeric and not categorical:
+    return {"skipped": f"the cohort has none of the variables {list(names)}"}
+  xs, features = design_matrices(table, part_ids, numeric, categorical)
+  kind = "coxph" if row.endswith("coxph") else "rsf"
+  outcomes = tuple(config.data.outcomes)
+  targets = {p: _targets(table, ids, outcomes) for p, ids in part_ids.items()}
+  d_tr, e_tr, m_tr = targets["train"]
+  out = {"variables": numeric + categorical, "missing_variables": missing,
+         "features": len(features), "outcomes": {}, "test_risk": {}}
+  for j, o in enumerate(outcomes):
+    mt = m_tr[:, j]
+    model = fit_classical(kind, xs["train"][mt], d_tr[mt, j], e_tr[mt, j], seed=config.seed,
+                          rsf=c.rsf.to_dict() if hasattr(c.rsf, "to_dict") else c.rsf)
+    d, e, m = targets["test"]
+    risk_test = model.predict(xs["test"][m[:, j]])
+    risk_train = model.predict(xs["train"][mt])
+    fn = _forest_survival(model, xs["test"][m[:, j]]) if kind == "rsf" else None
+    out["outcomes"][o] = evaluate.evaluate_outcome(
+        risk=risk_test, duration=d[m[:, j], j], event=e[m[:, j], j], train_risk=risk_train,
+        train_duration=d_tr[mt, j], train_event=e_tr[mt, j], horizons_years=(HORIZON_YEARS,),
+        bootstrap_resamples=config.eval.bootstrap_resamples, seed=config.seed, survival_fn=fn)
+    full = np.full(len(part_ids["test"]), np.nan)
+    full[m[:, j]] = risk_test
+    out["test_risk"][o] = full.tolist()
+  out["n_params"] = None
+  return out
+
+
+def oracle_row(table: pd.DataFrame, test_ids: np.ndarray, outcomes: Sequence[str],
+               config) -> dict:
+  """Harrell's C (bootstrap SD) of the cohort's true linear predictor on the test patients."""
+  from jaxsurv import metrics  # pylint: disable=import-outside-toplevel
+  cols = [f"eta_{o}" for o in outcomes]
+  if not any(c in table.columns for c in cols):
+    return {"skipped": f"the cohort has no true linear predictor ({', '.join(cols)})"}
+  by_id = table.set_index(table["patient_id"].astype(str)).loc[test_ids]
+  d, e, m = _targets(table, test_ids, outcomes)
+  res = {"outcomes": {}, "variables": ["true linear predictor"]}
+  for j, o in enumerate(outcomes):
+    if f"eta_{o}" not in by_id.columns:
+      continue
+    eta = by_id[f"eta_{o}"].to_numpy(float)[m[:, j]]
+    b = metrics.bootstrap_cindex(d[m[:, j], j], e[m[:, j], j], eta,
+                                 n_resamples=max(2, int(config.eval.bootstrap_resamples)),
+                                 seed=config.seed)
+    res["outcomes"][o] = {"cindex": float(b.estimate), "cindex_sd": float(b.sd)}
+  return res
+
+
+# ----------------------------------------------------------------------------
+# Network rows.
+# ----------------------------------------------------------------------------
+
+
+def network_config(row: str, config, seed_index: int) -> ml_collections.ConfigDict:
+  """The config of a network row at seed ``config.seed + seed_index``."""
+  c = copy.deepcopy(config)
+  c.seed = int(config.seed) + int(seed_index)
+  if row == "densenet":
+    c.data.modalities = ("image",)
+    c.blend.enabled = False
+  elif row == "mmnn_noblend":
+    c.data.modalities = ("image", "clinical")
+    c.blend.enabled = False
+  elif row == "mmnn":
+    c.data.modalities = ("image", "clinical")
+  else:
+    raise ValueError(f"not a network row: {row!r}")
+  c.progress_bar = False
+  return c
+
+
+def _network_seed(row: str, config, k: int, out: pathlib.Path) -> tuple[dict, pd.DataFrame]:
+  from jaxsurv import train  # pylint: disable=import-outside-toplevel
+  workdir = out / "runs" / row / f"seed_{k}"
+  results_path = workdir / "results.json"
+  if not results_path.exists():
+    train.train_and_evaluate(network_config(row, config, k), str(workdir))
+  results = json.loads(results_path.read_text())
+  preds = pd.read_csv(workdir / "predictions.csv", dtype={"patient_id": str})
+  return results, preds[preds["split"] == "test"].set_index("patient_id")
+
+
+def network_row(row: str, config, seeds: int, out: pathlib.Path,
+                test_ids: np.ndarray) -> dict:
+  """Trains (or reuses) the row's runs, one per seed; its metrics from the first seed."""
+  outcomes = tuple(config.data.outcomes)
+  per_seed = [_network_seed(row, config, k, out) for k in range(seeds)]
+  first = per_seed[0][0]
+  res = {"outcomes": {}, "test_risk": {}, "seeds": seeds,
+         "variables": list(network_config(row, config, 0).data.modalities)}
+  for o in outcomes:
+    if o not in first.get("test", {}):
+      continue
+    res["outcomes"][o] = dict(first["test"][o])
+    cs = [r["test"][o]["cindex"] for r, _ in per_seed if r["test"].get(o, {}).get("cindex")
+          is not None]
+    res["outcomes"][o]["cindex_seed_mean"] = float(np.mean(cs))
+    res["outcomes"][o]["cindex_seed_sd"] = float(np.std(cs, ddof=1)) if len(cs) > 1 else None
+    res["test_risk"][o] = [p.reindex(test_ids)[f"risk_{o}"].to_numpy(float).tolist()
+                           for _, p in per_seed]
+  res["n_params"] = _param_count(network_config(row, config, 0),
+                                 out / "runs" / row / "seed_0" / "preprocess.json")
+  return res
+
+
+def _param_count(config, preprocess_json: pathlib.Path) -> int:
+  """Trainable parameters of the row's network (shapes only, nothing computed)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxsurv import train  # pylint: disable=import-outside-toplevel
+  from jaxsurv.data import clinical as clinical_lib  # pylint: disable=import-outside-toplevel
+  state = json.loads(preprocess_json.read_text()).get("clinical")
+  n_clin = (len(clinical_lib.ClinicalPreprocessor.from_dict(state).feature_names)
+            if state else 1)
+  model = train.build_model(config)
+  image = jax.ShapeDtypeStruct((1, *tuple(config.data.preprocess.grid),
+                                len(config.data.channels)), np.float32)
+  clin = jax.ShapeDtypeStruct((1, n_clin), np.float32)
+  shapes = jax.eval_shape(lambda i, c: model.init(jax.random.key(0), i, c, train=False),
+                          image, clin)
+  return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])))
+
+
+# ----------------------------------------------------------------------------
+# Paired comparison and the table.
+# ----------------------------------------------------------------------------
+
+
+def paired_difference(duration: np.ndarray, event: np.ndarray, risks_a: Sequence[np.ndarray],
+                      risks_b: Sequence[np.ndarray], *, n_resamples: int, seed: int) -> dict:
+  """Seed-mean C of ``a`` minus that of ``b`` on the same bootstrap resamples.
+
+  Args:
+    duration, event: ``[n]`` test patients (days; 0/1).
+    risks_a, risks_b: one ``[n]`` risk score per seed (higher = earlier event).
+
+  Returns:
+    ``{"diff", "ci": [lo, hi], "sd", "n_resamples"}`` (95% percentile interval).
+  """
+  from jaxsurv import metrics  # pylint: disable=import-outside-toplevel
+  w = metrics.bootstrap_weights(len(duration), n_resamples, seed)
+
+  def mean_c(risks, weights):
+    return np.mean([metrics.weighted_concordance_index(duration, event, r, weights)
+                    for r in risks], axis=0)
+
+  full = np.ones((1, len(duration)))
+  diff = float(mean_c(risks_a, full)[0] - mean_c(risks_b, full)[0])
+  reps = mean_c(risks_a, w) - mean_c(risks_b, w)
+  reps = reps[np.isfinite(reps)]
+  return {"diff": diff, "ci": [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))],
+          "sd": float(np.std(reps, ddof=1)), "n_resamples": int(n_resamples)}
+
+
+def _fmt(x, nd=3):
+  return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def build_table(rows: Mapping[str, dict], outcomes: Sequence[str]) -> pd.DataFrame:
+  """One line per row (the Table 3 layout), ``rows`` as ``run_compare`` collects them."""
+  lines = []
+  for name in ROWS:
+    if name not in rows:
+      continue
+    r = rows[name]
+    line = {"row": name, "model": LABELS[name], "variables": "+".join(r.get("variables", [])),
+            "saw_size_grade": r.get("saw_size_grade"), "pretrained": r.get("pretrained"),
+            "n_params": r.get("n_params"), "seeds": r.get("seeds"),
+            "wall_s": r.get("wall_s"), "skipped": r.get("skipped", "")}
+    for o in outcomes:
+      m = r.get("outcomes", {}).get(o, {})
+      line[f"cindex_{o}"] = m.get("cindex")
+      line[f"cindex_sd_{o}"] = m.get("cindex_sd")
+      line[f"cindex_seed_mean_{o}"] = m.get("cindex_seed_mean")
+      line[f"cindex_seed_sd_{o}"] = m.get("cindex_seed_sd")
+      line[f"ibs_{o}"] = m.get("ibs")
+      line[f"auc_5y_{o}"] = (m.get("auc") or {}).get("5y")
+      p = r.get("paired", {}).get(o)
+      line[f"mmnn_minus_row_{o}"] = None if p is None else p["diff"]
+      line[f"mmnn_minus_row_ci_{o}"] = None if p is None else p["ci"]
+    lines.append(line)
+  return pd.DataFrame(lines)
+
+
+def table_markdown(df: pd.DataFrame, outcomes: Sequence[str], meta: Mapping) -> str:
+  head = ["Model", "Variables", "Size/grade seen", "Params"]
+  for o in outcomes:
+    head += [f"C {o.upper()} (SD)", f"C {o.upper()} seeds", f"IBS {o.upper()}",
+             f"AUC 5y {o.upper()}", f"MMNN - row, {o.upper()} [95% CI]"]
+  head += ["Wall s", "Note"]
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for _, r in df.iterrows():
+    cells = [r["model"], r["variables"] or "–", r["saw_size_grade"] or "–",
+             "–" if pd.isna(r["n_params"]) else f"{int(r['n_params']):,}"]
+    for o in outcomes:
+      c, sd = r[f"cindex_{o}"], r[f"cindex_sd_{o}"]
+      cells.append("–" if c is None or pd.isna(c) else f"{c:.3f} ({_fmt(sd)})")
+      mean, ssd = r[f"cindex_seed_mean_{o}"], r[f"cindex_seed_sd_{o}"]
+      cells.append("–" if mean is None or pd.isna(mean) else
+                   f"{mean:.3f} ± {_fmt(ssd)} (n={int(r['seeds'])})")
+      cells.append(_fmt(r[f"ibs_{o}"]))
+      cells.append(_fmt(r[f"auc_5y_{o}"]))
+      d, ci = r[f"mmnn_minus_row_{o}"], r[f"mmnn_minus_row_ci_{o}"]
+      cells.append("–" if d is None or (isinstance(d, float) and pd.isna(d))
+                   else f"{d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+    cells += [_fmt(r["wall_s"], 0), r["skipped"] or ""]
+    out.append("| " + " | ".join(str(x) for x in cells) + " |")
+  lines = [f"# MMNN comparison (Table 3 layout): {meta['cohort']}", "",
+           f"Test split: {meta['n_test']} patients (train {meta['n_train']}, val "
+           f"{meta['n_val']}). Config: `{meta['config']}`; seeds {meta['seeds']}.", "",
+           "\n".join(out), "", verdict(df, outcomes)]
+  return "\n".join(lines) + "\n"
+
+
+def verdict(df: pd.DataFrame, outcomes: Sequence[str]) -> str:
+  """A plain paragraph: does MMNN beat each row (paired 95% CI above 0)?"""
+  parts = []
+  for _, r in df.iterrows():
+    if r["row"] in ("mmnn", ORACLE) or r["skipped"]:
+      continue
+    says = []
+    for o in outcomes:
+      d, ci = r[f"mmnn_minus_row_{o}"], r[f"mmnn_minus_row_ci_{o}"]
+      if d is None or (isinstance(d, float) and pd.isna(d)):
+        continue
+      if ci[0] > 0:
+        says.append(f"better on {o.upper()} ({d:+.3f}, CI above 0)")
+      elif ci[1] < 0:
+        says.append(f"worse on {o.upper()} ({d:+.3f}, CI below 0)")
+      else:
+        says.append(f"not distinguishable on {o.upper()} ({d:+.3f}, CI [{ci[0]:+.3f}, "
+                    f"{ci[1]:+.3f}] includes 0)")
+    if says:
+      parts.append(f"against {r['model']}: MMNN is " + "; ".join(says))
+  if not parts:
+    return "No paired comparison with MMNN (its row did not run)."
+  return ("Paired bootstrap of the test C-index (MMNN minus row, same resamples): "
+          + ". ".join(parts) + ".")
+
+
+def _check_out(out: pathlib.Path, config) -> None:
+  """Refuses a DIR made with another config; records this one otherwise."""
+  from jaxsurv import runs  # pylint: disable=import-outside-toplevel
+  record = out / "compare.json"
+  mine = runs.config_to_dict(config)
+  if record.exists():
+    theirs = json.loads(record.read_text()).get("config")
+    if theirs != json.loads(json.dumps(mine)):
+      raise UserError(f"{out} holds a comparison made with another config ({record}); use a new "
+                      "--out (finished rows are reused only with the same config)")
+    return
+  out.mkdir(parents=True, exist_ok=True)
+  io_lib.write_json_atomic({"config": mine}, record)
+
+
+def run_compare(config, out: str | pathlib.Path, *, seeds: int = 3,
+                rows: Sequence[str] | None = None) -> pd.DataFrame:
+  """Fits (or reuses) every row; writes ``table3.csv`` / ``table3.md``; returns the table.
+
+  Raises:
+    UserError: an unknown row, ``seeds < 1``, a DIR made with another config,
+      or a cohort/config error (from ``jaxsurv.train``).
+  """
+  from jaxsurv import train  # pylint: disable=import-outside-toplevel
+  out = pathlib.Path(out)
+  rows = list(rows or ROWS)
+  unknown = [r for r in rows if r not in ROWS]
+  if unknown:
+    raise UserError(f"--rows: unknown rows {unknown}; known: {list(ROWS)}")
+  if seeds < 1:
+    raise UserError(f"--seeds must be >= 1, got {seeds}")
+  if "compare" not in config:
+    raise UserError("the config has no 'compare' block (configs/mmnn.py declares the "
+                    "Sarculator and clinical variable lists there)")
+  prepared = train.load_cohort(config)
+  table = prepared.table.reset_index(drop=True)
+  split = train.make_splits(table, config, None)
+  _check_out(out, config)
+  part_ids = {p: np.asarray(getattr(split, p), str) for p in ("train", "val", "test")}
+  outcomes = tuple(config.data.outcomes)
+  size_grade = set(config.compare.get("size_grade", ()))
+  results: dict[str, dict] = {}
+  (out / "rows").mkdir(exist_ok=True)
+  for name in rows:
+    path = out / "rows" / f"{name}.json"
+    if path.exists():
+      results[name] = json.loads(path.read_text())
+      continue
+    t0 = time.time()
+    if name in RADIOMICS:
+      res = {"skipped": "radiomics features are not extracted by jaxsurv yet"}
+    elif name == ORACLE:
+      res = oracle_row(table, part_ids["test"], outcomes, config)
+    elif name in CLASSICAL:
+      res = classical_row(name, table, part_ids, config)
+      if "skipped" not in res:
+        res["saw_size_grade"] = "yes" if size_grade & set(res["variables"]) else "no"
+    else:
+      res = network_row(name, config, seeds, out, part_ids["test"])
+      mods = network_config(name, config, 0).data.modalities
+      in_table = size_grade & set(config.data.numeric) | size_grade & set(config.data.categorical)
+      res["saw_size_grade"] = ("yes" if "clinical" in mods and in_table
+                               else "image only" if "image" in mods else "no")
+      res["pretrained"] = False
+    res["wall_s"] = time.time() - t0
+    io_lib.write_json_atomic(res, path)
+    results[name] = res
+  d, e, m = _targets(table, part_ids["test"], outcomes)
+  if "mmnn" in results and "skipped" not in results["mmnn"]:
+    for name, res in results.items():
+      if name == "mmnn" or "skipped" in res or "test_risk" not in res:
+        continue
+      res["paired"] = {}
+      for j, o in enumerate(outcomes):
+        if o not in res["test_risk"] or o not in results["mmnn"]["test_risk"]:
+          continue
+        as_list = lambda v: v if isinstance(v[0], list) else [v]
+        ra = [np.asarray(v, float) for v in as_list(results["mmnn"]["test_risk"][o])]
+        rb = [np.asarray(v, float) for v in as_list(res["test_risk"][o])]
+        keep = m[:, j] & np.all([np.isfinite(r) for r in ra + rb], axis=0)
+        res["paired"][o] = paired_difference(
+            d[keep, j], e[keep, j], [r[keep] for r in ra], [r[keep] for r in rb],
+            n_resamples=max(200, int(config.eval.bootstrap_resamples)), seed=config.seed)
+  df = build_table(results, outcomes)
+  io_lib.write_csv_atomic(df, out / "table3.csv")
+  meta = {"cohort": str(config.data.cohort), "n_test": len(part_ids["test"]),
+          "n_train": len(part_ids["train"]), "n_val": len(part_ids["val"]), "seeds": seeds,
+          "config": " ".join(sys.argv[1:]) or "(in-process)"}
+  (out / "table3.md").write_text(table_markdown(df, outcomes, meta))
+  return df
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+
+def define_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  """The command's flags on ``fv``; ``argv`` carries ``--config.x=y`` overrides."""
+  f = dict(flag_values=fv)
+  config_flags.DEFINE_config_file("config", None, "MMNN config file[:arg]; --config.key=value "
+                                  "overrides its fields", lock_config=False,
+                                  sys_argv=list(argv), **f)
+  flags.DEFINE_string("out", None, "output folder (table3.csv, table3.md, rows/, runs/)", **f)
+  flags.DEFINE_integer("seeds", 3, "seeds of each network row", lower_bound=1, **f)
+  flags.DEFINE_list("rows", None, "rows to fit (default: all): " + ",".join(ROWS), **f)
+  flags.mark_flags_as_required(["config", "out"], flag_values=fv)
+
+
+def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
+  rest = list(argv[1:])
+  if rest != ["mmnn"]:
+    raise app.UsageError(f"expected one command, mmnn; got {rest}")
+  logging.basicConfig(level=logging.WARNING)
+  config = cli.config_value(fv["config"])
+  run_compare(config, fv.out, seeds=fv.seeds, rows=fv.rows)
+  print((pathlib.Path(fv.out) / "table3.md").read_text())
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """In-process entry point (``jaxsurv.cli.call``): ``argv`` without the program name."""
+  return cli.call(_main, define_flags, sys.argv[1:] if argv is None else argv,
+                  prog="python -m jaxsurv.compare")
+
+
+if __name__ == "__main__":
+  cli.run(_main, define_flags=define_flags)

@@ -1,0 +1,143 @@
+"""``python -m jaxsurv.compare mmnn`` (MMNN Table 3).
+
+The classical rows against scikit-survival called directly on the same
+features; the paired bootstrap by hand; the whole command on the tiny
+phantom cohort (rows present, reused on a rerun, another config refused).
+"""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+import numpy as np
+import pandas as pd
+import pytest
+from sksurv.ensemble import RandomSurvivalForest
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+from sksurv.metrics import concordance_index_censored
+from sksurv.util import Surv
+
+from conftest import tiny_mmnn_config
+from jaxsurv import compare
+from jaxsurv import metrics
+from jaxsurv.errors import UserError
+
+
+def _cohort(n=240, seed=0):
+  rng = np.random.default_rng(seed)
+  age = rng.normal(60, 10, n)
+  grade = rng.integers(1, 4, n)
+  size = rng.choice(["<=20", "20-50", ">50"], n)
+  eta = 0.04 * (age - 60) + 0.5 * (grade - 2) + 0.6 * (size == ">50")
+  t = rng.exponential(2000 * np.exp(-eta))
+  c = rng.uniform(300, 4000, n)
+  table = pd.DataFrame({"patient_id": [f"p{i:03d}" for i in range(n)], "age": age,
+                        "grade": grade, "size": size})
+  for o, shift in (("os", 0.0), ("dm", 200.0)):
+    table[f"{o}_time"] = np.minimum(t + shift, c)
+    table[f"{o}_event"] = (t + shift <= c).astype(int)
+  table.loc[3, "age"] = np.nan  # Imputed (training median) and flagged.
+  ids = table["patient_id"].to_numpy()
+  return table, {"train": ids[:160], "val": ids[160:200], "test": ids[200:]}
+
+
+def _config():
+  c = ml_collections.ConfigDict()
+  c.seed = 3
+  c.data = ml_collections.ConfigDict(dict(outcomes=("os", "dm")))
+  c.eval = ml_collections.ConfigDict(dict(bootstrap_resamples=20))
+  c.compare = ml_collections.ConfigDict(dict(
+      sarculator=("age", "size", "grade", "histology"), clinical=("age", "grade"),
+      size_grade=("size", "grade"),
+      rsf=dict(n_estimators=20, min_samples_leaf=10, max_features="sqrt", n_jobs=1)))
+  return c
+
+
+@pytest.mark.parametrize("row", ["sarculator_coxph", "sarculator_rsf", "clinical_rsf"])
+def test_classical_rows_equal_scikit_survival_on_the_same_features(row):
+  table, parts = _cohort()
+  config = _config()
+  res = compare.classical_row(row, table, parts, config)
+  expected_vars = ["age", "grade", "size"] if row.startswith("sarculator") else ["age", "grade"]
+  assert res["variables"] == expected_vars
+  assert res["missing_variables"] == (["histology"] if row.startswith("sarculator") else [])
+  numeric, categorical, _ = compare.split_variables(table, expected_vars)
+  assert categorical == (["size"] if row.startswith("sarculator") else [])
+  xs, _ = compare.design_matrices(table, parts, numeric, categorical)
+  by_id = table.set_index("patient_id")
+  for o in ("os", "dm"):
+    tr, te = by_id.loc[parts["train"]], by_id.loc[parts["test"]]
+    y = Surv.from_arrays(event=tr[f"{o}_event"].astype(bool), time=tr[f"{o}_time"])
+    if row.endswith("coxph"):
+      model = CoxPHSurvivalAnalysis(alpha=1e-4, ties="breslow").fit(xs["train"], y)
+    else:
+      model = RandomSurvivalForest(n_estimators=20, min_samples_leaf=10, max_features="sqrt",
+                                   n_jobs=1, random_state=config.seed).fit(xs["train"], y)
+    risk = model.predict(xs["test"])
+    np.testing.assert_allclose(res["test_risk"][o], risk, rtol=1e-10)
+    c = concordance_index_censored(te[f"{o}_event"].astype(bool), te[f"{o}_time"], risk)[0]
+    assert res["outcomes"][o]["cindex"] == pytest.approx(c, abs=1e-9)
+    assert 0 < res["outcomes"][o]["ibs"] < 0.5 and 0.5 < res["outcomes"][o]["cindex"] < 1
+
+
+def test_a_row_without_any_of_its_variables_is_skipped_with_the_reason():
+  table, parts = _cohort()
+  config = _config()
+  config.compare.sarculator = ("histology",)
+  res = compare.classical_row("sarculator_rsf", table, parts, config)
+  assert "histology" in res["skipped"]
+
+
+def test_paired_difference_uses_the_same_resamples_for_both_models():
+  table, parts = _cohort()
+  te = table.set_index("patient_id").loc[parts["test"]]
+  d, e = te["os_time"].to_numpy(), te["os_event"].to_numpy()
+  rng = np.random.default_rng(1)
+  a = [-np.log(d) + rng.normal(0, 0.5, len(d)) for _ in range(2)]
+  b = [rng.normal(size=len(d))]
+  res = compare.paired_difference(d, e, a, b, n_resamples=50, seed=4)
+  c = lambda r: metrics.concordance_index(d, e, r)
+  assert res["diff"] == pytest.approx(np.mean([c(r) for r in a]) - c(b[0]), abs=1e-9)
+  w = metrics.bootstrap_weights(len(d), 50, 4)
+  reps = []
+  for k in range(50):
+    idx = np.repeat(np.arange(len(d)), w[k])
+    reps.append(np.mean([metrics.concordance_index(d[idx], e[idx], r[idx]) for r in a])
+                - metrics.concordance_index(d[idx], e[idx], b[0][idx]))
+  assert res["ci"] == pytest.approx([np.percentile(reps, 2.5), np.percentile(reps, 97.5)],
+                                    abs=1e-9)
+  assert res["ci"][0] > 0  # A model close to the truth beats noise.
+
+
+def test_compare_command_writes_every_row_reuses_them_and_refuses_another_config(tmp_path):
+  config = tiny_mmnn_config(num_epochs=1)
+  rows = ["sarculator_coxph", "radiomics_rsf", "mmnn_noblend", "mmnn", "oracle"]
+  out = tmp_path / "cmp"
+  df = compare.run_compare(config, out, seeds=1, rows=rows)
+  assert list(df["row"]) == rows
+  table = pd.read_csv(out / "table3.csv")
+  assert list(table["row"]) == rows
+  got = table.set_index("row")
+  assert got.loc["radiomics_rsf", "skipped"].startswith("radiomics")
+  for r in ("sarculator_coxph", "mmnn_noblend", "mmnn", "oracle"):
+    assert 0 <= got.loc[r, "cindex_os"] <= 1, r
+  assert got.loc["mmnn", "n_params"] > 0 and got.loc["mmnn", "saw_size_grade"] == "yes"
+  assert np.isfinite(got.loc["sarculator_coxph", "mmnn_minus_row_os"])
+  md = (out / "table3.md").read_text()
+  assert "| MMNN without gradient blending |" in md and "Paired bootstrap" in md
+  assert (out / "runs" / "mmnn" / "seed_0" / "results.json").exists()
+  # Rerun: every finished row is reused (no run is trained again).
+  stamp = {p: p.stat().st_mtime_ns for p in (out / "rows").iterdir()}
+  results = out / "runs" / "mmnn" / "seed_0" / "results.json"
+  before = results.stat().st_mtime_ns
+  df2 = compare.run_compare(config, out, seeds=1, rows=rows)
+  assert results.stat().st_mtime_ns == before
+  assert {p: p.stat().st_mtime_ns for p in (out / "rows").iterdir()} == stamp
+  pd.testing.assert_frame_equal(df.reset_index(drop=True), df2.reset_index(drop=True))
+  assert json.loads((out / "compare.json").read_text())["config"]["seed"] == config.seed
+  other = tiny_mmnn_config(num_epochs=2)
+  with pytest.raises(UserError, match="another config"):
+    compare.run_compare(other, out, seeds=1, rows=rows)
+  with pytest.raises(UserError, match="unknown rows"):
+    compare.run_compare(config, tmp_path / "x", seeds=1, rows=["nope"])
