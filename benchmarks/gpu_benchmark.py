@@ -66,11 +66,12 @@ for _p in (str(REPO), str(HERE)):
   if _p not in sys.path:
     sys.path.insert(0, _p)
 import common  # pylint: disable=wrong-import-position
+import train_step_benchmark as tsb  # pylint: disable=wrong-import-position
 
 SECTION = "One-shot GPU benchmark"
 RESULT_TAG = "RESULT "
 FRAMEWORKS = ("jaxsurv", "monai", "torch")
-N_CLINICAL = 11
+N_CLINICAL = tsb.N_CLINICAL
 HEADS = ("mm", "image", "clinical")
 
 
@@ -84,16 +85,6 @@ def _config(model: str, grid: int, batch: int, dtype: str, remat: bool):
   config.dtype = dtype
   config.model.image.remat = remat
   return config
-
-
-def _random_batch(seed: int, batch: int, grid: int) -> dict:
-  """Normal images/clinical values, exponential durations (days), ~40% events."""
-  rng = np.random.default_rng(seed)
-  return {"image": rng.standard_normal((batch, grid, grid, grid, 2), dtype=np.float32),
-          "clinical": rng.standard_normal((batch, N_CLINICAL), dtype=np.float32),
-          "duration": (1.0 + rng.exponential(5 * 365.25, (batch, 2))).astype(np.float32),
-          "event": rng.random((batch, 2)) < 0.4,
-          "outcome_mask": np.ones((batch, 2), bool), "mask": np.ones((batch,), bool)}
 
 
 def _settings(spec: dict) -> list[dict]:
@@ -160,7 +151,7 @@ def jaxsurv_worker(spec: dict) -> list[dict]:
     if b not in host_batches:
       host_batches[b] = []
       for s in range(3):
-        h = _random_batch(s, b, spec["grid"])
+        h = tsb._random_batch_np(s, b, spec["grid"])  # pylint: disable=protected-access
         host_batches[b].append(loop.Part({"inputs": {"image": h.pop("image"),
                                                      "clinical": h.pop("clinical")},
                                           "presence": {}, **h}))
@@ -318,7 +309,7 @@ def torch_worker(spec: dict) -> list[dict]:
     try:
       batches = []
       for s in range(3):
-        b = _random_batch(s, setting["batch"], spec["grid"])
+        b = tsb._random_batch_np(s, setting["batch"], spec["grid"])  # pylint: disable=protected-access
         image = torch.from_numpy(b["image"]).permute(0, 4, 1, 2, 3).contiguous(
             memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
         batches.append({"image": image.to(device),
@@ -518,7 +509,7 @@ def main(argv=None) -> int:
           "command": "python benchmarks/gpu_benchmark.py " + " ".join(
               sys.argv[1:] if argv is None else argv),
           "model": args.model, "grid": args.grid, "warmup": args.warmup, "steps": args.steps,
-          "commit": _commit()}
+          "commit": tsb._commit()}  # pylint: disable=protected-access
   text = section_text(rows, meta)
   print(text)
   on_gpu = any(r["framework"] == "jaxsurv" and r.get("backend") == "gpu" for r in rows)
@@ -534,14 +525,6 @@ def main(argv=None) -> int:
   for r in errors:
     print(f"FAILED: {json.dumps(r)[:1000]}", file=sys.stderr)
   return 1 if errors else 0
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=REPO, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 if __name__ == "__main__":
