@@ -37,7 +37,8 @@ Metrics per row and outcome (``jaxsurv.evaluate.evaluate_outcome``):
 Harrell's C with its bootstrap SD, the integrated Brier score and the
 cumulative/dynamic AUC at 5 years (Cox rows: Breslow baseline on the
 training risks; forests: their own survival functions). Network rows also
-give the mean and SD of C over seeds. Paired comparison: on the same
+give the mean and SD of C over seeds, their trainable parameters and the
+GFLOP of one patient's forward pass (XLA's cost analysis). Paired comparison: on the same
 bootstrap resamples of the test patients (``metrics.bootstrap_weights``),
 the seed-mean C of MMNN minus the seed-mean C of the row, with its 95%
 percentile interval; "MMNN better" when the interval lies above 0.
@@ -289,13 +290,18 @@ def network_row(row: str, config, seeds: int, out: pathlib.Path,
     res["outcomes"][o]["cindex_seed_sd"] = float(np.std(cs, ddof=1)) if len(cs) > 1 else None
     res["test_risk"][o] = [p.reindex(test_ids)[f"risk_{o}"].to_numpy(float).tolist()
                            for _, p in per_seed]
-  res["n_params"] = _param_count(network_config(row, config, 0),
-                                 out / "runs" / row / "seed_0" / "preprocess.json")
+  res["n_params"], res["gflops_per_sample"] = network_size(
+      network_config(row, config, 0), out / "runs" / row / "seed_0" / "preprocess.json")
   return res
 
 
-def _param_count(config, preprocess_json: pathlib.Path) -> int:
-  """Trainable parameters of the row's network (shapes only, nothing computed)."""
+def network_size(config, preprocess_json: pathlib.Path) -> tuple[int, float]:
+  """``(trainable parameters, GFLOP of one patient's forward pass)`` of a network row.
+
+  FLOPs from XLA's cost analysis of the eval-mode forward at batch 1 as
+  lowered (a multiply-add counts 2); shapes only, nothing is computed. The
+  MMNN paper's DenseNet-121 at 2 x 128^3 gives 94.0 here (the paper: 97.5).
+  """
   import jax  # pylint: disable=import-outside-toplevel
   from jaxsurv import train  # pylint: disable=import-outside-toplevel
   from jaxsurv.data import clinical as clinical_lib  # pylint: disable=import-outside-toplevel
@@ -308,7 +314,11 @@ def _param_count(config, preprocess_json: pathlib.Path) -> int:
   clin = jax.ShapeDtypeStruct((1, n_clin), np.float32)
   shapes = jax.eval_shape(lambda i, c: model.init(jax.random.key(0), i, c, train=False),
                           image, clin)
-  return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])))
+  n_params = int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])))
+  lowered = jax.jit(lambda v, i, c: model.apply(v, i, c, train=False)).lower(shapes, image, clin)
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return n_params, float(cost["flops"]) / 1e9
 
 
 # ----------------------------------------------------------------------------
@@ -355,7 +365,8 @@ def build_table(rows: Mapping[str, dict], outcomes: Sequence[str]) -> pd.DataFra
     r = rows[name]
     line = {"row": name, "model": LABELS[name], "variables": "+".join(r.get("variables", [])),
             "saw_size_grade": r.get("saw_size_grade"), "pretrained": r.get("pretrained"),
-            "n_params": r.get("n_params"), "seeds": r.get("seeds"),
+            "n_params": r.get("n_params"), "gflops_per_sample": r.get("gflops_per_sample"),
+            "seeds": r.get("seeds"),
             "wall_s": r.get("wall_s"), "skipped": r.get("skipped", "")}
     for o in outcomes:
       m = r.get("outcomes", {}).get(o, {})
@@ -373,7 +384,7 @@ def build_table(rows: Mapping[str, dict], outcomes: Sequence[str]) -> pd.DataFra
 
 
 def table_markdown(df: pd.DataFrame, outcomes: Sequence[str], meta: Mapping) -> str:
-  head = ["Model", "Variables", "Size/grade seen", "Params"]
+  head = ["Model", "Variables", "Size/grade seen", "Params", "GFLOP/patient"]
   for o in outcomes:
     head += [f"C {o.upper()} (SD)", f"C {o.upper()} seeds", f"IBS {o.upper()}",
              f"AUC 5y {o.upper()}", f"MMNN - row, {o.upper()} [95% CI]"]
@@ -381,7 +392,8 @@ def table_markdown(df: pd.DataFrame, outcomes: Sequence[str], meta: Mapping) -> 
   out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for _, r in df.iterrows():
     cells = [r["model"], r["variables"] or "–", r["saw_size_grade"] or "–",
-             "–" if pd.isna(r["n_params"]) else f"{int(r['n_params']):,}"]
+             "–" if pd.isna(r["n_params"]) else f"{int(r['n_params']):,}",
+             "–" if pd.isna(r["gflops_per_sample"]) else f"{r['gflops_per_sample']:.4g}"]
     for o in outcomes:
       c, sd = r[f"cindex_{o}"], r[f"cindex_sd_{o}"]
       cells.append("–" if c is None or pd.isna(c) else f"{c:.3f} ({_fmt(sd)})")

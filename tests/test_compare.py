@@ -123,6 +123,7 @@ def test_compare_command_writes_every_row_reuses_them_and_refuses_another_config
   for r in ("sarculator_coxph", "mmnn_noblend", "mmnn", "oracle"):
     assert 0 <= got.loc[r, "cindex_os"] <= 1, r
   assert got.loc["mmnn", "n_params"] > 0 and got.loc["mmnn", "saw_size_grade"] == "yes"
+  assert got.loc["mmnn", "gflops_per_sample"] > 0
   assert np.isfinite(got.loc["sarculator_coxph", "mmnn_minus_row_os"])
   md = (out / "table3.md").read_text()
   assert "| MMNN without gradient blending |" in md and "Paired bootstrap" in md
