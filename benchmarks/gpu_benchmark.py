@@ -71,7 +71,6 @@ import train_step_benchmark as tsb  # pylint: disable=wrong-import-position
 SECTION = "One-shot GPU benchmark"
 RESULT_TAG = "RESULT "
 FRAMEWORKS = ("jaxsurv", "monai", "torch")
-N_CLINICAL = tsb.N_CLINICAL
 HEADS = ("mm", "image", "clinical")
 
 
@@ -105,17 +104,13 @@ def _row(framework: str, setting: dict, **fields) -> dict:
 
 
 def _timed(run, warmup: int, steps: int) -> dict:
+  """``warmup`` untimed then ``steps`` timed calls of ``run(i) -> {"loss": ...}``
+  (``train_step_benchmark._timed_steps``: FloatingPointError on a non-finite loss)."""
   for i in range(warmup):
     run(i)
-  times = []
-  for i in range(steps):
-    t = time.perf_counter()
-    loss = run(warmup + i)
-    times.append(time.perf_counter() - t)
-  if not np.isfinite(loss):
-    raise FloatingPointError(f"non-finite loss {loss}")
+  times, loss = tsb._timed_steps(run, {"warmup": warmup, "steps": steps}, "train step")  # pylint: disable=protected-access
   return {"step_ms_median": 1e3 * float(np.median(times)), "step_ms_min": 1e3 * min(times),
-          "last_loss": float(loss)}
+          "last_loss": loss}
 
 
 # ----------------------------------------------------------------------------
@@ -212,7 +207,7 @@ def jaxsurv_worker(spec: dict) -> list[dict]:
     def run(j):
       nonlocal state
       state, meas = exe(state, batches[j % 3], r_step, lr, weights)
-      return float(jax.block_until_ready(meas["loss"]))
+      return jax.block_until_ready(meas)
 
     try:
       fields.update(_timed(run, spec["warmup"], spec["steps"]))
@@ -272,17 +267,9 @@ def torch_worker(spec: dict) -> list[dict]:
       continue
     config = _config(spec["model"], spec["grid"], setting["batch"], setting["dtype"],
                      setting["remat"])
-    im, clin = config.model.image, config.model.clinical
+    im = config.model.image
     torch.manual_seed(config.seed)
-    model = ref.MMNN(
-        N_CLINICAL, n_outcomes=2, in_channels=2,
-        image_kwargs=dict(init_features=im.init_features, growth_rate=im.growth_rate,
-                          block_config=tuple(im.block_config), bn_size=im.bn_size,
-                          dropout_rate=im.dropout_rate, features=im.features,
-                          head_dropout_rate=im.head_dropout_rate,
-                          stem_kernel=im.get("stem_kernel", 7)),
-        clinical_kwargs=dict(hidden_sizes=tuple(clin.hidden_sizes), features=clin.features,
-                             dropout_rate=clin.dropout_rate))
+    model = tsb.reference_mmnn(ref, config)
     layer_cls = ref.DenseLayer
     if framework == "monai":
       # MONAI's own DenseNet (stem 7^3 always), same widths as the config's.
@@ -307,22 +294,15 @@ def torch_worker(spec: dict) -> list[dict]:
                          channels_last=cl)
     fields = dict(info, n_params=ref.count_params(model))
     try:
-      batches = []
-      for s in range(3):
-        b = tsb._random_batch_np(s, setting["batch"], spec["grid"])  # pylint: disable=protected-access
-        image = torch.from_numpy(b["image"]).permute(0, 4, 1, 2, 3).contiguous(
-            memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
-        batches.append({"image": image.to(device),
-                        "clinical": torch.from_numpy(b["clinical"]).to(device),
-                        "duration": torch.from_numpy(b["duration"]).to(device),
-                        "event": torch.from_numpy(b["event"]).float().to(device)})
+      batches = [tsb.to_torch_batch(tsb._random_batch_np(s, setting["batch"], spec["grid"]),  # pylint: disable=protected-access
+                                    device, cl) for s in range(3)]
       if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
       def run(j):
         meas = step(batches[j % 3])
         sync()
-        return float(meas["loss"])
+        return meas
 
       fields.update(_timed(run, max(spec["warmup"], 1), spec["steps"]))
       fields["samples_per_s"] = setting["batch"] / (fields["step_ms_median"] / 1e3)

@@ -281,6 +281,31 @@ def jax_worker(spec: dict) -> dict:
   return out
 
 
+def reference_mmnn(ref, config):
+  """``torch_reference.MMNN`` (module ``ref``) with the widths of an MMNN ``config``."""
+  im, clin = config.model.image, config.model.clinical
+  return ref.MMNN(
+      N_CLINICAL, n_outcomes=len(config.data.outcomes), in_channels=2,
+      image_kwargs=dict(init_features=im.init_features, growth_rate=im.growth_rate,
+                        block_config=tuple(im.block_config), bn_size=im.bn_size,
+                        dropout_rate=im.dropout_rate, features=im.features,
+                        head_dropout_rate=im.head_dropout_rate,
+                        stem_kernel=im.get("stem_kernel", 7)),
+      clinical_kwargs=dict(hidden_sizes=tuple(clin.hidden_sizes), features=clin.features,
+                           dropout_rate=clin.dropout_rate))
+
+
+def to_torch_batch(b: dict, device, channels_last: bool) -> dict:
+  """A ``_random_batch_np`` batch as torch tensors on ``device`` (image NCDHW, or
+  ``channels_last_3d`` memory)."""
+  import torch
+  image = torch.from_numpy(b["image"]).permute(0, 4, 1, 2, 3).contiguous(
+      memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+  return {"image": image.to(device), "clinical": torch.from_numpy(b["clinical"]).to(device),
+          "duration": torch.from_numpy(b["duration"]).to(device),
+          "event": torch.from_numpy(b["event"]).float().to(device)}
+
+
 def torch_worker(spec: dict) -> dict:
   """Times the PyTorch reference step for one setting (grid/batch already resolved)."""
   cores = _pin_cores(spec)
@@ -295,16 +320,7 @@ def torch_worker(spec: dict) -> dict:
   if device.type == "cuda":
     torch.backends.cudnn.benchmark = True
   cl = spec.get("torch_channels_last", False)
-  im, clin = config.model.image, config.model.clinical
-  model = ref.MMNN(
-      N_CLINICAL, n_outcomes=len(config.data.outcomes), in_channels=2,
-      image_kwargs=dict(init_features=im.init_features, growth_rate=im.growth_rate,
-                        block_config=tuple(im.block_config), bn_size=im.bn_size,
-                        dropout_rate=im.dropout_rate, features=im.features,
-                        head_dropout_rate=im.head_dropout_rate,
-                        stem_kernel=im.get("stem_kernel", 7)),
-      clinical_kwargs=dict(hidden_sizes=tuple(clin.hidden_sizes), features=clin.features,
-                           dropout_rate=clin.dropout_rate)).to(device)
+  model = reference_mmnn(ref, config).to(device)
   if cl:
     model = model.to(memory_format=torch.channels_last_3d)
   o = config.optimizer
@@ -320,14 +336,8 @@ def torch_worker(spec: dict) -> dict:
       autocast_dtype=torch.bfloat16 if spec["dtype"] == "bfloat16" else None,
       channels_last=cl)
 
-  def to_torch(b):
-    image = torch.from_numpy(b["image"]).permute(0, 4, 1, 2, 3).contiguous(
-        memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
-    return {"image": image.to(device), "clinical": torch.from_numpy(b["clinical"]).to(device),
-            "duration": torch.from_numpy(b["duration"]).to(device),
-            "event": torch.from_numpy(b["event"]).float().to(device)}
-
-  batches = [to_torch(_random_batch_np(s, config.batch_size, spec["grid"])) for s in range(3)]
+  batches = [to_torch_batch(_random_batch_np(s, config.batch_size, spec["grid"]), device, cl)
+             for s in range(3)]
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
