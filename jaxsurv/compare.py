@@ -69,10 +69,8 @@ from ml_collections import config_flags
 from jaxsurv import cli
 from jaxsurv import evaluate
 from jaxsurv import io as io_lib
-from jaxsurv import survival
 from jaxsurv.errors import UserError
 
-log = logging.getLogger("jaxsurv")
 
 CLASSICAL = ("sarculator_coxph", "sarculator_rsf", "clinical_rsf")
 RADIOMICS = ("radiomics_rsf", "radiomics_clinical_rsf", "radiomics_clinical_coxnet")
@@ -175,12 +173,11 @@ def _forest_survival(model, x: np.ndarray):
   return fn
 
 
-def _targets(arrays_table: pd.DataFrame, ids: np.ndarray, outcomes: Sequence[str]):
-  by_id = arrays_table.set_index(arrays_table["patient_id"].astype(str)).loc[ids]
-  d = np.stack([by_id[f"{o}_time"].to_numpy(float) for o in outcomes], 1)
-  e = np.stack([by_id[f"{o}_event"].to_numpy(float) for o in outcomes], 1)
-  m = np.isfinite(d) & np.isfinite(e)
-  return np.where(m, d, 0.0), np.where(m, e, 0).astype(int), m
+def _targets(table: pd.DataFrame, ids: np.ndarray, outcomes: Sequence[str]):
+  """``train.outcome_arrays`` of the patients ``ids``, in that order."""
+  from jaxsurv import train  # pylint: disable=import-outside-toplevel
+  return train.outcome_arrays(table.set_index(table["patient_id"].astype(str)).loc[ids],
+                              outcomes)
 
 
 def classical_row(row: str, table: pd.DataFrame, part_ids: Mapping[str, np.ndarray],
@@ -278,8 +275,9 @@ def network_row(row: str, config, seeds: int, out: pathlib.Path,
   outcomes = tuple(config.data.outcomes)
   per_seed = [_network_seed(row, config, k, out) for k in range(seeds)]
   first = per_seed[0][0]
+  first_config = network_config(row, config, 0)
   res = {"outcomes": {}, "test_risk": {}, "seeds": seeds,
-         "variables": list(network_config(row, config, 0).data.modalities)}
+         "variables": list(first_config.data.modalities)}
   for o in outcomes:
     if o not in first.get("test", {}):
       continue
@@ -291,7 +289,7 @@ def network_row(row: str, config, seeds: int, out: pathlib.Path,
     res["test_risk"][o] = [p.reindex(test_ids)[f"risk_{o}"].to_numpy(float).tolist()
                            for _, p in per_seed]
   res["n_params"], res["gflops_per_sample"] = network_size(
-      network_config(row, config, 0), out / "runs" / row / "seed_0" / "preprocess.json")
+      first_config, out / "runs" / row / "seed_0" / "preprocess.json")
   return res
 
 

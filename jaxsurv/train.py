@@ -236,18 +236,23 @@ def build_arrays(prepared, config, train_ids) -> tuple[CohortArrays, clinical_li
     clin = pre.transform(table).astype(np.float32)
   else:
     clin = np.zeros((len(table), 1), np.float32)
-  outs = config.data.outcomes
-  duration = np.stack([table[f"{o}_time"].to_numpy(float) for o in outs], 1)
-  event = np.stack([table[f"{o}_event"].to_numpy(float) for o in outs], 1)
-  omask = np.isfinite(duration) & np.isfinite(event)
+  duration, event, omask = outcome_arrays(table, config.data.outcomes)
   arrays = CohortArrays(
       patient_ids=table["patient_id"].astype(str).to_numpy(),
       image=None if prepared.images is None else prepared.images.astype(np.float32),
-      clinical=clin,
-      duration=np.where(omask, duration, 0.0).astype(np.float32),
-      event=np.where(omask, event, 0).astype(np.int32),
+      clinical=clin, duration=duration.astype(np.float32), event=event.astype(np.int32),
       outcome_mask=omask, table=table)
   return arrays, pre
+
+
+def outcome_arrays(table: pd.DataFrame, outcomes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(duration [n, k] days, event [n, k] 0/1, outcome_mask [n, k])`` from the
+  ``<outcome>_time`` / ``<outcome>_event`` columns; a missing value masks the
+  outcome (its duration and event are 0)."""
+  duration = np.stack([table[f"{o}_time"].to_numpy(float) for o in outcomes], 1)
+  event = np.stack([table[f"{o}_event"].to_numpy(float) for o in outcomes], 1)
+  mask = np.isfinite(duration) & np.isfinite(event)
+  return np.where(mask, duration, 0.0), np.where(mask, event, 0).astype(int), mask
 
 
 def _holdout(ids: np.ndarray, table: pd.DataFrame, fraction: float, seed: int):
