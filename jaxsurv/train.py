@@ -48,7 +48,7 @@ from jaxsurv import blending, distributed, evaluate, tasks
 from jaxsurv.data import clinical as clinical_lib
 from jaxsurv.data import splits as splits_lib
 from jaxsurv.errors import TrainingError, UserError  # pylint: disable=unused-import
-from jaxsurv.models import MMNN, registry
+from jaxsurv.models import MMNN, pretrained, registry
 from jaxsurv.trainer import loop
 from jaxsurv.trainer.step import variables
 
@@ -63,7 +63,7 @@ log = logging.getLogger("jaxsurv")
 def build_model(config: ml_collections.ConfigDict) -> MMNN:
   """MMNN from ``config.model`` (bf16 compute if ``config.dtype == 'bfloat16'``)."""
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.dtype]
-  image = dict(config.model.image)
+  image = pretrained.densenet_kwargs(config.model.image)  # Less init_from & co.
   clinical = dict(config.model.clinical)
   if dtype is not None:
     image["dtype"] = dtype
@@ -368,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   accepts it again, and training resumes from its checkpoint.
 
   Raises:
-    UserError: from ``runs.open_run`` (a workdir holding another run, config
+    UserError: a bad ``model.image.init_from`` (``pretrained.check_config``); from ``runs.open_run`` (a workdir holding another run, config
       or cohort, unless ``allow_changed_config``; foreign files; not
       writable) or ``make_splits`` (a continued run's ``splits.json`` names
       patients the cohort lacks).
@@ -378,6 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from jaxsurv import runs  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
+  pretrained.check_config(config)  # A bad init_from fails before any work.
   prepared = load_cohort(config)
   split = make_splits(prepared.table, config, None)  # Checks; reads and writes nothing.
   arrays, clin_pre = build_arrays(prepared, config, split.train)

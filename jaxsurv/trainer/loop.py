@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsurv import distributed, metrics
 from jaxsurv.errors import TrainingError, UserError
+from jaxsurv.models import pretrained
 from jaxsurv.trainer import optim
 from jaxsurv.trainer.step import TrainState, predict_fn, train_step
 
@@ -395,6 +396,8 @@ class Trainer:
         best_epoch, best_score = meta["best_epoch"], meta["best_score"]
         controller.load_state_dict(meta["controller"])
         log.info("resumed after epoch %d (step %d)", meta["epoch"], int(state.step))
+      elif pretrained.init_from(c):  # Fresh start only: config.model.image.init_from.
+        state = self.state_from(*pretrained.load_from_config(c, state.params, state.batch_stats))
       stopped = bool(history) and self._should_stop(history[-1]["epoch"], best_epoch, patience,
                                                     min_epochs)
       show = c.get("progress_bar", True) if progress is None else progress
