@@ -101,7 +101,13 @@ def get_config(arg=None):
       # How the 3^3 convolutions run: "auto" = one 2D convolution over depth
       # slices on CPU (XLA's CPU 3D convolution is slow), cuDNN's 3D one on
       # GPU; "native" or "slices" to force one. Same maths either way.
-      conv_impl="auto"))
+      conv_impl="auto",
+      # Pretrained DenseNet weights (jaxsurv/models/pretrained.py; README,
+      # "Pretrained image weights"): "" = train from scratch; a .safetensors
+      # or .pt/.pth state dict; init_partial=True loads what matches (the
+      # y-Aware BHB-10k encoder has no norm5); init_channels="repeat" adapts
+      # a 1-channel first conv to the 2 channels (else an error).
+      init_from="", init_partial=False, init_channels="error"))
   c.model.clinical = ml_collections.ConfigDict(dict(
       hidden_sizes=(32, 16, 8, 8, 8), features=12, dropout_rate=0.2, norm="batch"))
   c.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters.
@@ -144,6 +150,11 @@ def get_config(arg=None):
       + tuple(c.data.categorical), size_grade=())))
   c.compare.rsf = ml_collections.ConfigDict(dict(
       n_estimators=200, min_samples_leaf=15, max_features="sqrt", n_jobs=-1))
+  # Radiomics + clinical elastic-net Cox: alpha and l1_ratio chosen by 5-fold
+  # CV on Harrell's C inside the training split (the paper's "5-fold CV ...
+  # optimizing the concordance index"); alphas from the l1_ratio's own path.
+  c.compare.coxnet = ml_collections.ConfigDict(dict(
+      l1_ratios=(0.1, 0.5, 0.9, 1.0), n_alphas=20, alpha_min_ratio=0.01, folds=5))
 
   c.log_every_steps = 10  # Non-finite loss check and progress every 10 steps.
   c.progress_bar = True
