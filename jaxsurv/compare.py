@@ -15,7 +15,12 @@ test patients:
 * ``clinical_rsf``: the larger clinical model (the MMNN clinical variables,
   ``config.compare.clinical``) with a random survival forest;
 * ``radiomics_rsf``, ``radiomics_clinical_rsf``, ``radiomics_clinical_coxnet``:
-  listed as skipped (radiomics features are not extracted yet);
+  the 200 PyRadiomics features of the preprocessed, masked volumes the
+  networks see (``jaxsurv.radiomics``: 14 shape + 93 intensity/texture per
+  channel, extracted once per cohort and cached), alone with a forest, and
+  with the clinical variables with a forest and with an elastic-net Cox model
+  whose alpha and l1_ratio are chosen by 5-fold CV on Harrell's C inside the
+  training part (``fit_coxnet_cv``, ``config.compare.coxnet``);
 * ``densenet``: the image-only network (``modalities=image``);
 * ``mmnn_noblend``: the multimodal network with gradient blending off
   (fixed, equal head weights);
@@ -36,7 +41,9 @@ resumes from its checkpoint; a finished one is reused).
 Metrics per row and outcome (``jaxsurv.evaluate.evaluate_outcome``):
 Harrell's C with its bootstrap SD, the integrated Brier score and the
 cumulative/dynamic AUC at 5 years (Cox rows: Breslow baseline on the
-training risks; forests: their own survival functions). Network rows also
+training risks; forests: their own survival functions). The table says
+whether each network's image branch started pretrained
+(``model.image.init_from``) or from scratch. Network rows also
 give the mean and SD of C over seeds, their trainable parameters and the
 GFLOP of one patient's forward pass (XLA's cost analysis). Paired comparison: on the same
 bootstrap resamples of the test patients (``metrics.bootstrap_weights``),
@@ -44,7 +51,11 @@ the seed-mean C of MMNN minus the seed-mean C of the row, with its 95%
 percentile interval; "MMNN better" when the interval lies above 0.
 
 Outputs: ``DIR/table3.csv``, ``DIR/table3.md`` (with a paragraph saying
-whether MMNN beats each row), ``DIR/rows/<row>.json`` (finished rows, reused
+whether MMNN beats each row, and links to the figures),
+``DIR/figures/fig2_<outcome>.png`` (the paper's Fig. 2: 5-year ROC with
+binormal smoothing and calibration per quintile against Kaplan-Meier, every
+row with 5-year probabilities, ``jaxsurv.figures``; the numbers beside it as
+CSV), ``DIR/rows/<row>.json`` (finished rows, reused
 on a rerun) and ``DIR/compare.json`` (the config: a DIR made with another
 config is refused).
 """
@@ -134,13 +145,14 @@ def design_matrices(table: pd.DataFrame, part_ids: Mapping[str, np.ndarray],
 
 
 def fit_classical(kind: str, x_train: np.ndarray, duration: np.ndarray, event: np.ndarray,
-                  *, seed: int, rsf: Mapping | None = None):
-  """A fitted scikit-survival model: ``"coxph"`` or ``"rsf"``.
+                  *, seed: int, rsf: Mapping | None = None, coxnet: Mapping | None = None):
+  """A fitted scikit-survival model: ``"coxph"``, ``"rsf"`` or ``"coxnet"``.
 
   Args:
     kind: ``"coxph"`` (``CoxPHSurvivalAnalysis``, Breslow ties, a tiny ridge
       ``alpha=1e-4`` for collinear one-hot columns) or ``"rsf"``
-      (``RandomSurvivalForest(**rsf, random_state=seed)``).
+      (``RandomSurvivalForest(**rsf, random_state=seed)``) or ``"coxnet"``
+      (``fit_coxnet_cv(..., **coxnet)``).
     x_train: ``[n, features]``. duration: ``[n]`` days. event: ``[n]`` 0/1.
 
   Raises:
@@ -154,7 +166,62 @@ def fit_classical(kind: str, x_train: np.ndarray, duration: np.ndarray, event: n
   if kind == "rsf":
     from sksurv.ensemble import RandomSurvivalForest  # pylint: disable=import-outside-toplevel
     return RandomSurvivalForest(**dict(rsf or {}), random_state=seed).fit(x_train, y)
-  raise ValueError(f"kind must be 'coxph' or 'rsf', got {kind!r}")
+  if kind == "coxnet":
+    return fit_coxnet_cv(x_train, y, seed=seed, **dict(coxnet or {}))
+  raise ValueError(f"kind must be 'coxph', 'rsf' or 'coxnet', got {kind!r}")
+
+
+def fit_coxnet_cv(x_train: np.ndarray, y, *, seed: int, l1_ratios=(0.1, 0.5, 0.9, 1.0),
+                  n_alphas: int = 20, alpha_min_ratio: float = 0.01, folds: int = 5):
+  """Elastic-net Cox with ``alpha`` and ``l1_ratio`` chosen by K-fold CV on Harrell's C.
+
+  For each ``l1_ratio`` the candidate alphas are the regularisation path that
+  ``sksurv.linear_model.CoxnetSurvivalAnalysis`` computes on the whole
+  training part (``n_alphas``, down to ``alpha_min_ratio`` of the largest);
+  every (alpha, l1_ratio) is scored by ``sklearn.model_selection.GridSearchCV``
+  over ``folds`` shuffled folds with the estimator's own score (Harrell's C),
+  a fit that fails to converge scoring NaN. The best pair is refitted on the
+  whole training part (the MMNN paper, Methods, "Radiomics models": "5-fold
+  CV and optimizing the concordance index"; scikit-survival's user guide,
+  "Penalized Cox Models").
+
+  Args:
+    x_train: ``[n, features]``, standardised. y: scikit-survival's structured
+      array (``sksurv.util.Surv``).
+
+  Returns:
+    The refitted ``CoxnetSurvivalAnalysis``, with ``cv_best_`` = ``{"alpha",
+    "l1_ratio", "cv_cindex"}``.
+
+  Raises:
+    ValueError: no (alpha, l1_ratio) converged on every fold.
+  """
+  import warnings  # pylint: disable=import-outside-toplevel
+  from sklearn.exceptions import ConvergenceWarning, FitFailedWarning  # pylint: disable=import-outside-toplevel
+  from sklearn.model_selection import GridSearchCV, KFold  # pylint: disable=import-outside-toplevel
+  from sksurv.linear_model import CoxnetSurvivalAnalysis  # pylint: disable=import-outside-toplevel
+  best = None
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", (ConvergenceWarning, FitFailedWarning, UserWarning))
+    for l1 in l1_ratios:
+      path = CoxnetSurvivalAnalysis(l1_ratio=float(l1), n_alphas=int(n_alphas),
+                                    alpha_min_ratio=float(alpha_min_ratio)).fit(x_train, y)
+      grid = GridSearchCV(CoxnetSurvivalAnalysis(l1_ratio=float(l1)),
+                          {"alphas": [[float(a)] for a in path.alphas_]},
+                          cv=KFold(int(folds), shuffle=True, random_state=seed),
+                          error_score=np.nan, n_jobs=1).fit(x_train, y)
+      scores = np.asarray(grid.cv_results_["mean_test_score"], float)
+      if not np.isfinite(scores).any():
+        continue
+      k = int(np.nanargmax(scores))
+      if best is None or scores[k] > best["cv_cindex"]:
+        best = {"alpha": float(path.alphas_[k]), "l1_ratio": float(l1),
+                "cv_cindex": float(scores[k])}
+    if best is None:
+      raise ValueError("elastic-net Cox: no (alpha, l1_ratio) converged on every CV fold")
+    model = CoxnetSurvivalAnalysis(l1_ratio=best["l1_ratio"], alphas=[best["alpha"]]).fit(x_train, y)
+  model.cv_best_ = best
+  return model
 
 
 def _forest_survival(model, x: np.ndarray):
@@ -180,36 +247,87 @@ def _targets(table: pd.DataFrame, ids: np.ndarray, outcomes: Sequence[str]):
                               outcomes)
 
 
+ROW_SPECS = {
+    # row: (variable list of config.compare, uses radiomics, model kind)
+    "sarculator_coxph": ("sarculator", False, "coxph"),
+    "sarculator_rsf": ("sarculator", False, "rsf"),
+    "clinical_rsf": ("clinical", False, "rsf"),
+    "radiomics_rsf": (None, True, "rsf"),
+    "radiomics_clinical_rsf": ("clinical", True, "rsf"),
+    "radiomics_clinical_coxnet": ("clinical", True, "coxnet"),
+}
+
+
+def _plain(c):
+  return c.to_dict() if hasattr(c, "to_dict") else dict(c or {})
+
+
 def classical_row(row: str, table: pd.DataFrame, part_ids: Mapping[str, np.ndarray],
-                  config) -> dict:
-  """Fits and evaluates one classical row; ``{"skipped": reason}`` when it cannot run."""
+                  config, radiomics_features: pd.DataFrame | None = None) -> dict:
+  """Fits and evaluates one classical or radiomics row; ``{"skipped": reason}`` when it cannot run.
+
+  Args:
+    row: a key of :data:`ROW_SPECS`.
+    table: the cohort table (``patient_id`` + variables + outcomes).
+    part_ids: ``{"train"|"val"|"test": patient ids}``.
+    config: the MMNN config (``config.compare``, ``config.data.outcomes``).
+    radiomics_features: ``[patients, features]`` indexed by ``patient_id``
+      (``jaxsurv.radiomics.cohort_features``) for the radiomics rows; a
+      patient without features (NaN) is imputed and flagged like a missing
+      clinical value.
+
+  Returns:
+    ``{"variables", "missing_variables", "features", "outcomes": {o: metrics},
+    "test_risk": {o: [n_test]}, "test_p5y": {o: [n_test]}, ...}`` (NaN where the
+    outcome is missing).
+  """
   c = config.compare
-  names = tuple(c.sarculator if row.startswith("sarculator") else c.clinical)
+  var_list, uses_radiomics, kind = ROW_SPECS[row]
+  names = tuple(getattr(c, var_list)) if var_list else ()
   numeric, categorical, missing = split_variables(table, names)
+  variables = numeric + categorical
+  if uses_radiomics:
+    if radiomics_features is None:
+      return {"skipped": "the cohort has no images (no radiomics features)"}
+    feats = radiomics_features.reindex(table["patient_id"].astype(str))
+    table = pd.concat([table.reset_index(drop=True),
+                       feats.reset_index(drop=True).add_prefix("radiomics:")], axis=1)
+    numeric = numeric + [f"radiomics:{f}" for f in radiomics_features.columns]
+    variables = [f"radiomics ({radiomics_features.shape[1]})"] + variables
   if not numeric and not categorical:
     return {"skipped": f"the cohort has none of the variables {list(names)}"}
+  from jaxsurv import survival  # pylint: disable=import-outside-toplevel
   xs, features = design_matrices(table, part_ids, numeric, categorical)
-  kind = "coxph" if row.endswith("coxph") else "rsf"
   outcomes = tuple(config.data.outcomes)
   targets = {p: _targets(table, ids, outcomes) for p, ids in part_ids.items()}
   d_tr, e_tr, m_tr = targets["train"]
-  out = {"variables": numeric + categorical, "missing_variables": missing,
-         "features": len(features), "outcomes": {}, "test_risk": {}}
+  h = float(survival.horizons_in_days([HORIZON_YEARS])[0])
+  out = {"variables": variables, "missing_variables": missing, "features": len(features),
+         "outcomes": {}, "test_risk": {}, "test_p5y": {}}
   for j, o in enumerate(outcomes):
     mt = m_tr[:, j]
     model = fit_classical(kind, xs["train"][mt], d_tr[mt, j], e_tr[mt, j], seed=config.seed,
-                          rsf=c.rsf.to_dict() if hasattr(c.rsf, "to_dict") else c.rsf)
+                          rsf=_plain(c.rsf), coxnet=_plain(c.get("coxnet")))
     d, e, m = targets["test"]
     risk_test = model.predict(xs["test"][m[:, j]])
     risk_train = model.predict(xs["train"][mt])
-    fn = _forest_survival(model, xs["test"][m[:, j]]) if kind == "rsf" else None
+    if kind == "rsf":
+      fn = _forest_survival(model, xs["test"][m[:, j]])
+    else:
+      baseline = survival.BreslowBaseline.fit(risk_train, d_tr[mt, j], e_tr[mt, j])
+      fn = lambda t, b=baseline, r=risk_test: b.survival(r, t)
     out["outcomes"][o] = evaluate.evaluate_outcome(
         risk=risk_test, duration=d[m[:, j], j], event=e[m[:, j], j], train_risk=risk_train,
         train_duration=d_tr[mt, j], train_event=e_tr[mt, j], horizons_years=(HORIZON_YEARS,),
         bootstrap_resamples=config.eval.bootstrap_resamples, seed=config.seed, survival_fn=fn)
-    full = np.full(len(part_ids["test"]), np.nan)
-    full[m[:, j]] = risk_test
-    out["test_risk"][o] = full.tolist()
+    if kind == "coxnet":
+      out["outcomes"][o]["cv_best"] = model.cv_best_
+      out["outcomes"][o]["nonzero_coefficients"] = int(np.sum(np.abs(model.coef_) > 0))
+    for key, values in (("test_risk", risk_test),
+                        ("test_p5y", survival.event_probability(fn(np.array([h]))[:, 0]))):
+      full = np.full(len(part_ids["test"]), np.nan)
+      full[m[:, j]] = values
+      out[key][o] = full.tolist()
   out["n_params"] = None
   return out
 
@@ -277,7 +395,8 @@ def network_row(row: str, config, seeds: int, out: pathlib.Path,
   first = per_seed[0][0]
   first_config = network_config(row, config, 0)
   res = {"outcomes": {}, "test_risk": {}, "seeds": seeds,
-         "variables": list(first_config.data.modalities)}
+         "variables": list(first_config.data.modalities),
+         "pretrained": bool(first_config.model.image.get("init_from", ""))}
   for o in outcomes:
     if o not in first.get("test", {}):
       continue
@@ -288,6 +407,10 @@ def network_row(row: str, config, seeds: int, out: pathlib.Path,
     res["outcomes"][o]["cindex_seed_sd"] = float(np.std(cs, ddof=1)) if len(cs) > 1 else None
     res["test_risk"][o] = [p.reindex(test_ids)[f"risk_{o}"].to_numpy(float).tolist()
                            for _, p in per_seed]
+    p5 = f"p_{o}_{HORIZON_YEARS:g}y"
+    if p5 in per_seed[0][1].columns:
+      res.setdefault("test_p5y", {})[o] = per_seed[0][1].reindex(test_ids)[p5].to_numpy(
+          float).tolist()
   res["n_params"], res["gflops_per_sample"] = network_size(
       first_config, out / "runs" / row / "seed_0" / "preprocess.json")
   return res
@@ -382,14 +505,16 @@ def build_table(rows: Mapping[str, dict], outcomes: Sequence[str]) -> pd.DataFra
 
 
 def table_markdown(df: pd.DataFrame, outcomes: Sequence[str], meta: Mapping) -> str:
-  head = ["Model", "Variables", "Size/grade seen", "Params", "GFLOP/patient"]
+  head = ["Model", "Variables", "Size/grade seen", "Image init", "Params", "GFLOP/patient"]
   for o in outcomes:
     head += [f"C {o.upper()} (SD)", f"C {o.upper()} seeds", f"IBS {o.upper()}",
              f"AUC 5y {o.upper()}", f"MMNN - row, {o.upper()} [95% CI]"]
   head += ["Wall s", "Note"]
   out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for _, r in df.iterrows():
+    init = r.get("pretrained")
     cells = [r["model"], r["variables"] or "–", r["saw_size_grade"] or "–",
+             "–" if init is None or pd.isna(init) else "pretrained" if init else "from scratch",
              "–" if pd.isna(r["n_params"]) else f"{int(r['n_params']):,}",
              "–" if pd.isna(r["gflops_per_sample"]) else f"{r['gflops_per_sample']:.4g}"]
     for o in outcomes:
@@ -409,6 +534,12 @@ def table_markdown(df: pd.DataFrame, outcomes: Sequence[str], meta: Mapping) -> 
            f"Test split: {meta['n_test']} patients (train {meta['n_train']}, val "
            f"{meta['n_val']}). Config: `{meta['config']}`; seeds {meta['seeds']}.", "",
            "\n".join(out), "", verdict(df, outcomes)]
+  figs = [f"![{f}]({f})" for f in meta.get("figures", [])]
+  if figs or meta.get("fig1"):
+    lines += ["", "Figures: Fig. 2 (5-year ROC and calibration, per outcome; data beside each "
+              "PNG as CSV)" + ("; Fig. 1 (gradient-blending weights of the MMNN row's first "
+                               f"seed): [{meta['fig1']}]({meta['fig1']})" if meta.get("fig1")
+                               else "") + ".", ""] + figs
   return "\n".join(lines) + "\n"
 
 
@@ -480,6 +611,7 @@ def run_compare(config, out: str | pathlib.Path, *, seeds: int = 3,
   outcomes = tuple(config.data.outcomes)
   size_grade = set(config.compare.get("size_grade", ()))
   results: dict[str, dict] = {}
+  features = None
   (out / "rows").mkdir(exist_ok=True)
   for name in rows:
     path = out / "rows" / f"{name}.json"
@@ -487,21 +619,21 @@ def run_compare(config, out: str | pathlib.Path, *, seeds: int = 3,
       results[name] = json.loads(path.read_text())
       continue
     t0 = time.time()
-    if name in RADIOMICS:
-      res = {"skipped": "radiomics features are not extracted by jaxsurv yet"}
-    elif name == ORACLE:
+    if name == ORACLE:
       res = oracle_row(table, part_ids["test"], outcomes, config)
-    elif name in CLASSICAL:
-      res = classical_row(name, table, part_ids, config)
+    elif name in ROW_SPECS:
+      if name in RADIOMICS and features is None and prepared.images is not None:
+        features = radiomics_features(prepared, config, out)
+      res = classical_row(name, table, part_ids, config, features)
       if "skipped" not in res:
-        res["saw_size_grade"] = "yes" if size_grade & set(res["variables"]) else "no"
+        seen = set(res["variables"]) & size_grade
+        res["saw_size_grade"] = ("yes" if seen else "image only" if name in RADIOMICS else "no")
     else:
       res = network_row(name, config, seeds, out, part_ids["test"])
       mods = network_config(name, config, 0).data.modalities
       in_table = size_grade & set(config.data.numeric) | size_grade & set(config.data.categorical)
       res["saw_size_grade"] = ("yes" if "clinical" in mods and in_table
                                else "image only" if "image" in mods else "no")
-      res["pretrained"] = False
     res["wall_s"] = time.time() - t0
     io_lib.write_json_atomic(res, path)
     results[name] = res
@@ -523,11 +655,64 @@ def run_compare(config, out: str | pathlib.Path, *, seeds: int = 3,
             n_resamples=max(200, int(config.eval.bootstrap_resamples)), seed=config.seed)
   df = build_table(results, outcomes)
   io_lib.write_csv_atomic(df, out / "table3.csv")
+  figures = write_figures(results, table, part_ids, outcomes, out / "figures", config)
   meta = {"cohort": str(config.data.cohort), "n_test": len(part_ids["test"]),
           "n_train": len(part_ids["train"]), "n_val": len(part_ids["val"]), "seeds": seeds,
           "config": " ".join(sys.argv[1:]) or "(in-process)"}
+  meta["figures"] = figures
+  if (out / "runs" / "mmnn" / "seed_0" / "blend_weights.png").exists():
+    meta["fig1"] = "runs/mmnn/seed_0/blend_weights.png"
   (out / "table3.md").write_text(table_markdown(df, outcomes, meta))
   return df
+
+
+def radiomics_features(prepared, config, out: pathlib.Path) -> pd.DataFrame:
+  """The cohort's radiomics features (``jaxsurv.radiomics``), extracted once and cached."""
+  from jaxsurv import radiomics  # pylint: disable=import-outside-toplevel
+  t0 = time.time()
+  feats = radiomics.cohort_features(prepared, tuple(config.data.channels),
+                                    progress=bool(config.get("progress_bar", True)))
+  io_lib.write_json_atomic({"features": int(feats.shape[1]), "patients": int(feats.shape[0]),
+                            "wall_s": time.time() - t0}, out / "rows" / "radiomics_features.json")
+  return feats
+
+
+def write_figures(results: Mapping[str, dict], table: pd.DataFrame,
+                  part_ids: Mapping[str, np.ndarray], outcomes: Sequence[str],
+                  folder: pathlib.Path, config) -> list[str]:
+  """The paper's Fig. 2 per outcome: ``folder/fig2_<outcome>.png`` (+ ``.csv``).
+
+  Every row with 5-year event probabilities on the test patients (first seed
+  of a network row) is drawn; returns the written PNGs' names.
+  """
+  from jaxsurv import figures, survival  # pylint: disable=import-outside-toplevel
+  d, e, m = _targets(table, part_ids["test"], outcomes)
+  d_tr, e_tr, m_tr = _targets(table, part_ids["train"], outcomes)
+  h = float(survival.horizons_in_days([HORIZON_YEARS])[0])
+  written = []
+  for j, o in enumerate(outcomes):
+    curves = {}
+    for name in ROWS:
+      p = results.get(name, {}).get("test_p5y", {}).get(o)
+      if p is None:
+        continue
+      p = np.asarray(p, float)
+      keep = m[:, j] & np.isfinite(p)
+      try:
+        curves[LABELS[name]] = figures.model_curves(
+            train_duration=d_tr[m_tr[:, j], j], train_event=e_tr[m_tr[:, j], j],
+            duration=d[keep, j], event=e[keep, j], probability=np.clip(p[keep], 0.0, 1.0),
+            horizon_days=h)
+      except ValueError as err:
+        logging.warning("figure 2, %s, %s: %s", o, name, err)
+    if curves:
+      folder.mkdir(parents=True, exist_ok=True)
+      path = folder / f"fig2_{o}.png"
+      figures.plot_roc_calibration(
+          path, curves, title=f"{o.upper()} at {HORIZON_YEARS:g} years, test split "
+          f"({str(config.data.cohort)})")
+      written.append(f"figures/{path.name}")
+  return written
 
 
 # ----------------------------------------------------------------------------

@@ -81,6 +81,57 @@ def test_classical_rows_equal_scikit_survival_on_the_same_features(row):
     assert 0 < res["outcomes"][o]["ibs"] < 0.5 and 0.5 < res["outcomes"][o]["cindex"] < 1
 
 
+def test_elastic_net_cox_cv_equals_a_hand_rolled_cross_validation():
+  from sklearn.model_selection import KFold
+  from sksurv.linear_model import CoxnetSurvivalAnalysis
+  table, parts = _cohort()
+  rng = np.random.default_rng(5)
+  feats = pd.DataFrame(rng.normal(size=(len(table), 4)), columns=[f"f{i}" for i in range(4)],
+                       index=table["patient_id"])
+  feats["f0"] += 0.02 * (table["age"].fillna(60).to_numpy() - 60)  # One informative feature.
+  config = _config()
+  config.compare.coxnet = dict(l1_ratios=(0.5, 1.0), n_alphas=5, alpha_min_ratio=0.05, folds=5)
+  res = compare.classical_row("radiomics_clinical_coxnet", table, parts, config, feats)
+  assert res["variables"] == ["radiomics (4)", "age", "grade"]
+  numeric = ["age", "grade"] + [f"radiomics:f{i}" for i in range(4)]
+  joined = pd.concat([table, feats.reset_index(drop=True).add_prefix("radiomics:")], axis=1)
+  xs, _ = compare.design_matrices(joined, parts, numeric, [])
+  by_id = table.set_index("patient_id")
+  for o in ("os", "dm"):
+    tr, te = by_id.loc[parts["train"]], by_id.loc[parts["test"]]
+    ev, t = tr[f"{o}_event"].to_numpy().astype(bool), tr[f"{o}_time"].to_numpy()
+    y = Surv.from_arrays(event=ev, time=t)
+    best = (-1.0, None, None)
+    for l1 in (0.5, 1.0):
+      alphas = CoxnetSurvivalAnalysis(l1_ratio=l1, n_alphas=5,
+                                      alpha_min_ratio=0.05).fit(xs["train"], y).alphas_
+      for a in alphas:
+        cs = []
+        for fit_idx, val_idx in KFold(5, shuffle=True, random_state=config.seed).split(
+            xs["train"]):
+          m = CoxnetSurvivalAnalysis(l1_ratio=l1, alphas=[a]).fit(xs["train"][fit_idx],
+                                                                   y[fit_idx])
+          cs.append(concordance_index_censored(ev[val_idx], t[val_idx],
+                                               m.predict(xs["train"][val_idx]))[0])
+        if np.mean(cs) > best[0]:
+          best = (np.mean(cs), a, l1)
+    got = res["outcomes"][o]["cv_best"]
+    assert got["cv_cindex"] == pytest.approx(best[0], abs=1e-12)
+    assert (got["alpha"], got["l1_ratio"]) == pytest.approx((best[1], best[2]))
+    model = CoxnetSurvivalAnalysis(l1_ratio=best[2], alphas=[best[1]]).fit(xs["train"], y)
+    np.testing.assert_allclose(res["test_risk"][o], model.predict(xs["test"]), rtol=1e-9)
+    c = concordance_index_censored(te[f"{o}_event"].astype(bool), te[f"{o}_time"],
+                                   model.predict(xs["test"]))[0]
+    assert res["outcomes"][o]["cindex"] == pytest.approx(c, abs=1e-9)
+    assert np.all((np.asarray(res["test_p5y"][o]) >= 0) & (np.asarray(res["test_p5y"][o]) <= 1))
+
+
+def test_radiomics_rows_without_features_are_skipped():
+  table, parts = _cohort()
+  res = compare.classical_row("radiomics_rsf", table, parts, _config(), None)
+  assert "no images" in res["skipped"]
+
+
 def test_a_row_without_any_of_its_variables_is_skipped_with_the_reason():
   table, parts = _cohort()
   config = _config()
@@ -112,16 +163,24 @@ def test_paired_difference_uses_the_same_resamples_for_both_models():
 
 def test_compare_command_writes_every_row_reuses_them_and_refuses_another_config(tmp_path):
   config = tiny_mmnn_config(num_epochs=1)
-  rows = ["sarculator_coxph", "radiomics_rsf", "mmnn_noblend", "mmnn", "oracle"]
+  config.compare.coxnet = dict(l1_ratios=(0.5,), n_alphas=4, alpha_min_ratio=0.1, folds=3)
+  rows = ["sarculator_coxph", "radiomics_rsf", "radiomics_clinical_coxnet", "mmnn_noblend",
+          "mmnn", "oracle"]
   out = tmp_path / "cmp"
   df = compare.run_compare(config, out, seeds=1, rows=rows)
   assert list(df["row"]) == rows
   table = pd.read_csv(out / "table3.csv")
   assert list(table["row"]) == rows
   got = table.set_index("row")
-  assert got.loc["radiomics_rsf", "skipped"].startswith("radiomics")
-  for r in ("sarculator_coxph", "mmnn_noblend", "mmnn", "oracle"):
+  assert got["skipped"].isna().all(), got["skipped"]
+  for r in rows:
     assert 0 <= got.loc[r, "cindex_os"] <= 1, r
+  assert got.loc["radiomics_rsf", "variables"] == "radiomics (200)"
+  assert got.loc["mmnn", "pretrained"] == False  # noqa: E712 (a CSV bool)
+  for o in ("os", "dm"):
+    fig = pd.read_csv(out / "figures" / f"fig2_{o}.csv")
+    assert {"MMNN", "Radiomics, RSF"} <= set(fig["model"])
+  assert "figures/fig2_os.png" in (out / "table3.md").read_text()
   assert got.loc["mmnn", "n_params"] > 0 and got.loc["mmnn", "saw_size_grade"] == "yes"
   assert got.loc["mmnn", "gflops_per_sample"] > 0
   assert np.isfinite(got.loc["sarculator_coxph", "mmnn_minus_row_os"])
