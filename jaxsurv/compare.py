@@ -293,7 +293,9 @@ def classical_row(row: str, table: pd.DataFrame, part_ids: Mapping[str, np.ndarr
     table = pd.concat([table.reset_index(drop=True),
                        feats.reset_index(drop=True).add_prefix("radiomics:")], axis=1)
     numeric = numeric + [f"radiomics:{f}" for f in radiomics_features.columns]
-    variables = [f"radiomics ({radiomics_features.shape[1]})"] + variables
+    lacking = int(feats.isna().all(axis=1).sum())
+    variables = [f"radiomics ({radiomics_features.shape[1]}"
+                 + (f"; {lacking} patients without, imputed)" if lacking else ")")] + variables
   if not numeric and not categorical:
     return {"skipped": f"the cohort has none of the variables {list(names)}"}
   from jaxsurv import survival  # pylint: disable=import-outside-toplevel
@@ -671,9 +673,18 @@ def radiomics_features(prepared, config, out: pathlib.Path) -> pd.DataFrame:
   from jaxsurv import radiomics  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   feats = radiomics.cohort_features(prepared, tuple(config.data.channels),
-                                    progress=bool(config.get("progress_bar", True)))
+                                    progress=bool(config.get("progress_bar", True)),
+                                    unfeaturisable="skip")
+  skipped = feats.attrs.get("skipped", {})
   io_lib.write_json_atomic({"features": int(feats.shape[1]), "patients": int(feats.shape[0]),
+                            "without_features": len(skipped), "skipped": skipped,
+                            "settings": feats.attrs.get("settings"),
+                            "pyradiomics_version": feats.attrs.get("pyradiomics_version"),
                             "wall_s": time.time() - t0}, out / "rows" / "radiomics_features.json")
+  if skipped:
+    logging.warning("radiomics: %d of %d patients without features (imputed and flagged in the "
+                    "radiomics rows), e.g. %s", len(skipped), feats.shape[0],
+                    next(iter(skipped.items())))
   return feats
 
 

@@ -290,7 +290,10 @@ def extract_patient(image, mask, spacing_mm, channels: Sequence[str],
       if len(parts) != 3 or parts[0] != "original":
         continue  # diagnostics_* (additionalInfo) entries.
       _, cls, feat = parts
-      out[f"shape_{feat}" if cls == "shape" else f"{ch}_{cls}_{feat}"] = float(np.squeeze(value))
+      value = np.squeeze(np.asarray(value))
+      if np.iscomplexobj(value):  # E.g. an axis length of a flat mask: sqrt of a negative.
+        value = value.real if np.all(value.imag == 0) else np.nan
+      out[f"shape_{feat}" if cls == "shape" else f"{ch}_{cls}_{feat}"] = float(value)
   names = feature_names(channels)
   missing = [n for n in names if n not in out]
   if missing:
@@ -385,7 +388,8 @@ def _read_cache(csv_path: pathlib.Path, json_path: pathlib.Path, key: str,
 
 def cohort_features(prepared, channels: Sequence[str], *, cache_dir: PathLike | None = None,
                     settings: Mapping[str, Any] | None = None, workers: int | None = None,
-                    executor: str = "thread", progress: bool = False) -> pd.DataFrame:
+                    executor: str = "thread", progress: bool = False,
+                    unfeaturisable: str = "error") -> pd.DataFrame:
   """Radiomics features of every patient of a prepared cohort, computed once and cached.
 
   Each patient's features are ``extract_patient`` on its preprocessed volume
@@ -429,6 +433,11 @@ def cohort_features(prepared, channels: Sequence[str], *, cache_dir: PathLike | 
     executor: ``"thread"`` or ``"process"`` (``spawn``; the caller's main
       module needs an ``if __name__ == "__main__":`` guard).
     progress: show a tqdm bar.
+    unfeaturisable: what a present image that cannot be featurised (e.g. a
+      tumour of 2 voxels on the grid, which PyRadiomics rejects) does:
+      ``"error"`` (default) raises; ``"skip"`` gives that patient a NaN row
+      with PyRadiomics' reason in ``attrs["skipped"]``, like an absent image
+      (``jaxsurv.compare`` uses it and reports the count).
 
   Returns:
     float64 DataFrame ``[n_patients, len(feature_names(channels))]`` indexed
@@ -446,6 +455,8 @@ def cohort_features(prepared, channels: Sequence[str], *, cache_dir: PathLike | 
   """
   channels = _check_channels(channels)
   settings = _settings(settings)
+  if unfeaturisable not in ("error", "skip"):
+    raise UserError(f"unfeaturisable: expected 'error' or 'skip', got {unfeaturisable!r}")
   if executor not in ("thread", "process"):
     raise UserError(f"executor: expected 'thread' or 'process', got {executor!r}")
   if workers is not None and (isinstance(workers, bool)
@@ -467,6 +478,8 @@ def cohort_features(prepared, channels: Sequence[str], *, cache_dir: PathLike | 
                  "settings": settings, "classes": list(FEATURE_CLASSES),
                  "channels": list(channels), "pyradiomics": version,
                  "content": _content_digest(prepared, spacings)}
+  if unfeaturisable == "skip":  # Default keys stay those of the error policy.
+    key_payload["unfeaturisable"] = "skip"
   key = hashlib.sha256(json.dumps(key_payload, sort_keys=True, default=str).encode()).hexdigest()
   root = _cache_root(cache_dir)
   stem = re.sub(r"[^A-Za-z0-9._-]", "_", str(prepared.name)) + f"-{key[:16]}"
@@ -483,7 +496,7 @@ def cohort_features(prepared, channels: Sequence[str], *, cache_dir: PathLike | 
           for i in range(n) if present[i]]
   t0 = time.perf_counter()
   rows: dict[int, dict[str, float]] = {}
-  errors: list[str] = []
+  errors: dict[str, str] = {}
   nw = _default_workers(len(jobs)) if workers is None else int(workers)
   bar = None
   if progress:
@@ -505,7 +518,11 @@ def cohort_features(prepared, channels: Sequence[str], *, cache_dir: PathLike | 
     if bar is not None:
       bar.close()
   seconds = time.perf_counter() - t0
+  if errors and unfeaturisable == "skip":
+    skipped.update({ids[i]: msg for i, msg in errors.items()})
+    errors = {}
   if errors:
+    errors = list(errors.values())
     shown = "; ".join(errors[:10]) + (f"; and {len(errors) - 10} more" if len(errors) > 10 else "")
     raise UserError(f"radiomics: {len(errors)} patient(s) of cohort {prepared.name!r} could not be "
                     f"featurised: {shown}")
@@ -532,7 +549,7 @@ def _collect(results, rows, errors, bar) -> None:
     if err is None:
       rows[i] = feats
     else:
-      errors.append(err)
+      errors[i] = err
     if bar is not None:
       bar.update(1)
 

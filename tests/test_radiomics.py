@@ -198,3 +198,17 @@ def test_cohort_empty_mask_on_present_image_raises_naming_the_patient(tmp_path):
   with pytest.raises(UserError, match="1 patient.*'B2'.*0 voxel"):
     rad.cohort_features(prepared, CHANNELS, cache_dir=tmp_path / "cache", workers=1)
   assert not list((tmp_path / "cache").iterdir())  # Nothing cached.
+
+
+def test_cohort_skip_policy_gives_a_nan_row_with_the_reason(tmp_path):
+  prepared = _cohort(tmp_path, empty_mask_for=1)
+  df = rad.cohort_features(prepared, CHANNELS, cache_dir=tmp_path / "cache", workers=1,
+                           unfeaturisable="skip")
+  assert df.loc["B2"].isna().all() and df.loc["C3"].isna().all()
+  assert np.isfinite(df.loc["A1"].to_numpy()).all()
+  assert "0 voxel" in df.attrs["skipped"]["B2"] and df.attrs["skipped"]["C3"] == "image absent"
+  again = rad.cohort_features(prepared, CHANNELS, cache_dir=tmp_path / "cache", workers=1,
+                              unfeaturisable="skip")
+  assert again.attrs["from_cache"] and again.attrs["skipped"] == df.attrs["skipped"]
+  with pytest.raises(UserError, match="'B2'"):  # The default policy is not served from it.
+    rad.cohort_features(prepared, CHANNELS, cache_dir=tmp_path / "cache", workers=1)
