@@ -1,4 +1,4 @@
-r"""3D Grad-CAM for survival models: which voxels raise a patient's log-hazard.
+r"""3D Grad-CAM for survival models: which voxels raise (or lower) a patient's log-hazard.
 
 Grad-CAM (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks
 via Gradient-based Localization", ICCV 2017, eqs. 1-2), in 3D and per outcome:
@@ -13,6 +13,21 @@ centres) to the model's input grid and divided by its maximum, per patient and
 outcome, so every map lies in [0, 1] with 1 at its hottest voxel. A map whose
 maximum is 0 (no voxel raises the risk) stays all zeros; ``peak`` keeps the
 un-normalised maximum so that such maps and weak maps can be told apart.
+
+Sign (``sign=``; every figure or table of these maps must state which one it
+shows). The ReLU of eq. 2 keeps only the evidence that *raises* the explained
+score, so a low-risk patient whose image mostly lowers the log-hazard gets a
+weak or all-zero map:
+* ``"increasing"`` (default): the score is the log-hazard ``S_k``; the map
+  shows what raises the risk (Selvaraju et al.'s Grad-CAM of the class score);
+* ``"decreasing"``: the score is ``-S_k``, whose weights are ``-alpha_kc``,
+  so ``L_k = ReLU(-sum_c alpha_kc A_c)`` (``alpha_kc`` of eq. 1): the map
+  shows what lowers the log-hazard. This is the
+  "Counterfactual Explanations" variant of Selvaraju et al. (2017; the
+  subsection of that name negates the gradients), applied to a regression
+  score.
+``GradCAM.scores`` is the log-hazard ``S_k`` under either sign; ``weights``
+are the alphas of the explained score (``-S_k`` for ``"decreasing"``).
 
 Differences from the MMNN implementation (DigITs-AIML/MMNN_STS
 ``utils/utils.py``), on purpose:
@@ -68,6 +83,7 @@ LAST_DENSE_BLOCK = "last_dense_block"
 _PERTURBATIONS = "perturbations"
 
 PathLike = str | os.PathLike
+SIGNS = ("increasing", "decreasing")
 
 
 class GradCAM(NamedTuple):
@@ -79,8 +95,10 @@ class GradCAM(NamedTuple):
       zeros when no voxel raises the risk).
     peak: ``[batch, outcomes]`` maximum of each map before normalisation
       (units of log-hazard per activation unit); 0 means an all-zero map.
-    weights: ``[batch, outcomes, channels]`` channel weights alpha (eq. 1).
-    scores: ``[batch, outcomes]`` the explained log-hazards.
+    weights: ``[batch, outcomes, channels]`` channel weights alpha (eq. 1) of
+      the explained score: the log-hazard (``sign="increasing"``) or minus it
+      (``sign="decreasing"``).
+    scores: ``[batch, outcomes]`` the explained log-hazards (never negated).
   """
   cam: jax.Array
   peak: jax.Array
@@ -88,9 +106,16 @@ class GradCAM(NamedTuple):
   scores: jax.Array
 
 
+def _check_sign(sign: str) -> str:
+  if sign not in SIGNS:
+    raise ValueError(f"sign: expected one of {list(SIGNS)} (the evidence that raises or lowers "
+                     f"the log-hazard), got {sign!r}")
+  return sign
+
+
 def grad_cam_from_gradients(activations: jax.Array, gradients: jax.Array,
-                            input_spatial: Sequence[int], scores: jax.Array | None = None
-                            ) -> GradCAM:
+                            input_spatial: Sequence[int], scores: jax.Array | None = None,
+                            *, sign: str = "increasing") -> GradCAM:
   """Grad-CAM (Selvaraju et al. 2017, eqs. 1-2) from activations and their gradients.
 
   Args:
@@ -99,16 +124,22 @@ def grad_cam_from_gradients(activations: jax.Array, gradients: jax.Array,
       outcome k (each patient's own gradient).
     input_spatial: ``(D, H, W)`` input grid to upsample to (trilinear).
     scores: optional ``[batch, outcomes]`` log-hazards, passed through.
+    sign: ``"increasing"`` (default: the map of ``S_k``, what raises the
+      log-hazard) or ``"decreasing"`` (the map of ``-S_k``: the gradients are
+      negated, so ``L_k = ReLU(-sum_c alpha_kc A_c)``; module docstring).
 
   Returns:
     ``GradCAM`` (maps normalised per patient and outcome, see the module
     docstring).
 
   Raises:
-    ValueError: if the shapes do not fit together.
+    ValueError: if the shapes do not fit together, or an unknown ``sign``.
   """
+  _check_sign(sign)
   a = jnp.asarray(activations, jnp.float32)
   g = jnp.asarray(gradients, jnp.float32)
+  if sign == "decreasing":
+    g = -g  # The gradient of -S_k.
   if a.ndim != 5 or g.ndim != 6 or g.shape[1:] != a.shape:
     raise ValueError(f"activations must be [batch, d, h, w, channels] and gradients "
                      f"[outcomes, batch, d, h, w, channels] of the same layer; got "
@@ -163,7 +194,7 @@ def _module_path(layer: str | Sequence[str]) -> tuple[str, ...]:
 def layer_grad_cam(model: nn.Module, variables: Mapping[str, Any], *args,
                    layer: str | Sequence[str], input_spatial: Sequence[int],
                    score_fn: Callable[[Any], jax.Array] = lambda out: out,
-                   **apply_kwargs) -> GradCAM:
+                   sign: str = "increasing", **apply_kwargs) -> GradCAM:
   """Grad-CAM at the output of any submodule of a Flax Linen model.
 
   The layer's output is intercepted (``flax.linen.intercept_methods``) and a
@@ -180,6 +211,8 @@ def layer_grad_cam(model: nn.Module, variables: Mapping[str, Any], *args,
       ``[batch, d, h, w, channels]`` and it must run exactly once.
     input_spatial: ``(D, H, W)`` grid to upsample the maps to.
     score_fn: maps ``model.apply``'s output to ``[batch, outcomes]`` scores.
+    sign: ``"increasing"`` (default) or ``"decreasing"``: map the evidence
+      that raises or lowers the scores (``grad_cam_from_gradients``).
     **apply_kwargs: keyword arguments of ``model.apply`` (e.g. ``train=False``).
 
   Returns:
@@ -187,8 +220,9 @@ def layer_grad_cam(model: nn.Module, variables: Mapping[str, Any], *args,
 
   Raises:
     ValueError: the layer never runs, runs more than once, or its output is
-      not 5-D; scores not ``[batch, outcomes]``.
+      not 5-D; scores not ``[batch, outcomes]``; an unknown ``sign``.
   """
+  _check_sign(sign)
   path = _module_path(layer)
 
   def run(delta):
@@ -219,7 +253,7 @@ def layer_grad_cam(model: nn.Module, variables: Mapping[str, Any], *args,
   shape = jax.eval_shape(lambda: run(None))[1]
   delta = jnp.zeros(shape.shape, shape.dtype)
   scores, acts, grads = _per_outcome_gradients(run, delta)
-  return grad_cam_from_gradients(acts, grads, input_spatial, scores)
+  return grad_cam_from_gradients(acts, grads, input_spatial, scores, sign=sign)
 
 
 def _mmnn_layer_path(model, layer: str) -> tuple[str, ...]:
@@ -237,7 +271,8 @@ def _mmnn_layer_path(model, layer: str) -> tuple[str, ...]:
 
 
 def mmnn_grad_cam(model, variables: Mapping[str, Any], image: jax.Array, clinical: jax.Array,
-                  *, layer: str = LAST_DENSE_BLOCK, head: str = "mm") -> GradCAM:
+                  *, layer: str = LAST_DENSE_BLOCK, head: str = "mm",
+                  sign: str = "increasing") -> GradCAM:
   """Grad-CAM of an MMNN's log-hazards with respect to an image-encoder layer.
 
   Args:
@@ -253,14 +288,17 @@ def mmnn_grad_cam(model, variables: Mapping[str, Any], image: jax.Array, clinica
     head: ``"mm"`` (the multimodal head, the model's prediction; for an
       image-only model it is the image head) or ``"image"`` (the image-only
       head of a multimodal model).
+    sign: ``"increasing"`` (default: what raises the log-hazard) or
+      ``"decreasing"`` (what lowers it); see the module docstring.
 
   Returns:
     ``GradCAM`` with maps ``[batch, n_outcomes, D, H, W]``, evaluated in eval
     mode (BatchNorm running statistics, no dropout).
 
   Raises:
-    ValueError: the model has no image branch, unknown head or layer.
+    ValueError: the model has no image branch, unknown head, layer or sign.
   """
+  _check_sign(sign)
   mods = tuple(model.modalities)
   if "image" not in mods:
     raise ValueError(f"Grad-CAM needs an image branch; this MMNN has modalities {mods}")
@@ -272,7 +310,7 @@ def mmnn_grad_cam(model, variables: Mapping[str, Any], image: jax.Array, clinica
   base = {k: v for k, v in variables.items() if k != _PERTURBATIONS}
   if layer != LAST_DENSE_BLOCK:
     return layer_grad_cam(model, base, image, clinical, layer=_mmnn_layer_path(model, layer),
-                          input_spatial=spatial, score_fn=select, train=False)
+                          input_spatial=spatial, score_fn=select, sign=sign, train=False)
 
   kwargs = dict(model.image_kwargs or {})
   kwargs["perturb_last_block"] = True
@@ -286,7 +324,7 @@ def mmnn_grad_cam(model, variables: Mapping[str, Any], image: jax.Array, clinica
     return select(out), out[1]["image"][LAST_DENSE_BLOCK]
 
   scores, acts, grads = _per_outcome_gradients(run, jnp.zeros(shape.shape, shape.dtype))
-  return grad_cam_from_gradients(acts, grads, spatial, scores)
+  return grad_cam_from_gradients(acts, grads, spatial, scores, sign=sign)
 
 
 # ----------------------------------------------------------------------------
