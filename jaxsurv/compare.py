@@ -658,14 +658,97 @@ def run_compare(config, out: str | pathlib.Path, *, seeds: int = 3,
   df = build_table(results, outcomes)
   io_lib.write_csv_atomic(df, out / "table3.csv")
   figures = write_figures(results, table, part_ids, outcomes, out / "figures", config)
+  localisation = localisation_rows(results, prepared, part_ids["test"], out)
   meta = {"cohort": str(config.data.cohort), "n_test": len(part_ids["test"]),
           "n_train": len(part_ids["train"]), "n_val": len(part_ids["val"]), "seeds": seeds,
           "config": " ".join(sys.argv[1:]) or "(in-process)"}
   meta["figures"] = figures
   if (out / "runs" / "mmnn" / "seed_0" / "blend_weights.png").exists():
     meta["fig1"] = "runs/mmnn/seed_0/blend_weights.png"
-  (out / "table3.md").write_text(table_markdown(df, outcomes, meta))
+  text = table_markdown(df, outcomes, meta)
+  if localisation:
+    text += "\n" + localisation_markdown(localisation)
+  (out / "table3.md").write_text(text)
   return df
+
+
+LOCALISATION_LAYERS = ("last_dense_block", "block_1")
+
+
+def localisation_rows(results: Mapping[str, dict], prepared, test_ids: np.ndarray,
+                      out: pathlib.Path) -> dict:
+  """Grad-CAM localisation (``jaxsurv.localisation``) of every network row's first seed.
+
+  On the test patients, for both signs (risk-increasing and risk-decreasing
+  maps) and two layers: the last dense block (the Grad-CAM layer of
+  ``predict --heatmaps``) and the first dense block (4x finer at the local
+  config), to tell the layer's resolution from what the model uses. Each
+  summary is written to ``DIR/localisation/<row>_<layer>.json`` (+ ``.md``)
+  and reused on a rerun.
+
+  Returns:
+    ``{(row, layer): summary}``.
+  """
+  from jaxsurv import localisation  # pylint: disable=import-outside-toplevel
+  done = {}
+  if prepared.images is None:
+    return done
+  folder = out / "localisation"
+  for name in NETWORKS:
+    if name not in results or "skipped" in results[name]:
+      continue
+    for layer in LOCALISATION_LAYERS:
+      path = folder / f"{name}_{layer}.json"
+      if path.exists():
+        done[(name, layer)] = json.loads(path.read_text())
+        continue
+      t0 = time.time()
+      summary = localisation.localisation_summary(out / "runs" / name / "seed_0", prepared,
+                                                  list(test_ids), layer=layer)
+      summary["wall_s"] = time.time() - t0
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / f"{name}_{layer}.md").write_text(localisation.markdown(summary))
+      io_lib.write_json_atomic(summary, path)
+      done[(name, layer)] = summary
+  return done
+
+
+def localisation_markdown(summaries: Mapping[tuple, dict]) -> str:
+  """The Grad-CAM section of ``table3.md``: per row, layer, sign and outcome, all test patients."""
+  phantom = any(s.get("phantom") for s in summaries.values())
+  head = ["Model", "Layer", "Maps", "Outcome", "All zero", "Tumour (x chance, > chance)",
+          "Tumour + periphery (x chance)"]
+  if phantom:
+    head += ["Core (x chance)", "Oedema (x chance)", "rho core vs necrosis",
+             "rho oedema vs width"]
+  ratio = lambda r: "–" if r is None or r.get("median_ratio") is None else (
+      f"{r['median_ratio']:.2f}x")
+  lines = ["## Grad-CAM localisation (test patients, first seed)", "",
+           "Median over maps of the fraction of map mass in the region divided by the region's "
+           "share of the grid (1 = a uniform map); \"> chance\": share of maps above chance. "
+           "Risk-increasing maps are Grad-CAM as the paper shows it (ReLU of the risk score's "
+           "evidence); risk-decreasing maps use the gradient of minus the risk score. Full "
+           "tables per risk group: `localisation/<row>_<layer>.md`.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for (name, layer), s in summaries.items():
+    if "skipped" in s:
+      continue
+    for sign, per in s["results"].items():
+      for o, res in per.items():
+        g = res["groups"]["all"]
+        share = g["tumour"].get("share_above_chance")
+        cells = [LABELS[name], layer, sign, o.upper(), f"{g['n_all_zero']} of {g['n_maps']}",
+                 ratio(g["tumour"]) + ("" if share is None else f", {100 * share:.0f}%"),
+                 ratio(g["tumour_periphery"])]
+        if phantom:
+          sp = g.get("spearman", {})
+          rho = lambda k: "–" if sp.get(k, {}).get("rho") is None else f"{sp[k]['rho']:+.2f}"
+          cells += [ratio(g.get("core")), ratio(g.get("oedema")),
+                    rho("core_vs_latent_necrosis"), rho("oedema_vs_latent_oedema_mm")]
+        lines.append("| " + " | ".join(cells) + " |")
+  statements = [f"{LABELS[n]}, {layer}: {s.get('statement', '')}"
+                for (n, layer), s in summaries.items() if "skipped" not in s]
+  return "\n".join(lines) + "\n\n" + "\n\n".join(statements) + "\n"
 
 
 def radiomics_features(prepared, config, out: pathlib.Path) -> pd.DataFrame:

@@ -180,7 +180,12 @@ def test_compare_command_writes_every_row_reuses_them_and_refuses_another_config
   for o in ("os", "dm"):
     fig = pd.read_csv(out / "figures" / f"fig2_{o}.csv")
     assert {"MMNN", "Radiomics, RSF"} <= set(fig["model"])
-  assert "figures/fig2_os.png" in (out / "table3.md").read_text()
+  md = (out / "table3.md").read_text()
+  assert "figures/fig2_os.png" in md and "## Grad-CAM localisation" in md
+  loc = json.loads((out / "localisation" / "mmnn_block_1.json").read_text())
+  preds = pd.read_csv(out / "runs" / "mmnn" / "seed_0" / "predictions.csv")
+  assert loc["n_patients"] == int((preds["split"] == "test").sum())
+  assert set(loc["results"]) == {"increasing", "decreasing"} and loc["phantom"]
   assert got.loc["mmnn", "n_params"] > 0 and got.loc["mmnn", "saw_size_grade"] == "yes"
   assert got.loc["mmnn", "gflops_per_sample"] > 0
   assert np.isfinite(got.loc["sarculator_coxph", "mmnn_minus_row_os"])
