@@ -719,8 +719,8 @@ def localisation_markdown(summaries: Mapping[tuple, dict]) -> str:
   head = ["Model", "Layer", "Maps", "Outcome", "All zero", "Tumour (x chance, > chance)",
           "Tumour + periphery (x chance)"]
   if phantom:
-    head += ["Core (x chance)", "Oedema (x chance)", "rho core vs necrosis",
-             "rho oedema vs width"]
+    head += ["Core (x chance)", "Oedema (x chance)", "rho core x chance vs necrosis",
+             "rho oedema x chance vs width"]
   ratio = lambda r: "–" if r is None or r.get("median_ratio") is None else (
       f"{r['median_ratio']:.2f}x")
   lines = ["## Grad-CAM localisation (test patients, first seed)", "",
@@ -728,7 +728,11 @@ def localisation_markdown(summaries: Mapping[tuple, dict]) -> str:
            "share of the grid (1 = a uniform map); \"> chance\": share of maps above chance. "
            "Risk-increasing maps are Grad-CAM as the paper shows it (ReLU of the risk score's "
            "evidence); risk-decreasing maps use the gradient of minus the risk score. Full "
-           "tables per risk group: `localisation/<row>_<layer>.md`.", "",
+           "tables per risk group: `localisation/<row>_<layer>.md`."
+           + (" rho: Spearman correlation, over patients, of the region's mass relative to "
+              "chance with the phantom's latent necrotic fraction / oedema width (relative to "
+              "chance, since a larger region takes more of any map's mass)." if phantom else ""),
+           "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for (name, layer), s in summaries.items():
     if "skipped" in s:
@@ -744,7 +748,7 @@ def localisation_markdown(summaries: Mapping[tuple, dict]) -> str:
           sp = g.get("spearman", {})
           rho = lambda k: "–" if sp.get(k, {}).get("rho") is None else f"{sp[k]['rho']:+.2f}"
           cells += [ratio(g.get("core")), ratio(g.get("oedema")),
-                    rho("core_vs_latent_necrosis"), rho("oedema_vs_latent_oedema_mm")]
+                    rho("core_ratio_vs_latent_necrosis"), rho("oedema_ratio_vs_latent_oedema_mm")]
         lines.append("| " + " | ".join(cells) + " |")
   statements = [f"{LABELS[n]}, {layer}: {s.get('statement', '')}"
                 for (n, layer), s in summaries.items() if "skipped" not in s]

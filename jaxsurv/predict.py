@@ -2,6 +2,7 @@ r"""Predict and explain for new patients with a finished MMNN run.
 
   python -m jaxsurv.predict --workdir=runs/mmnn --manifest=new_patients.csv \
       --out=runs/mmnn_predict_new [--heatmaps] [--layer=last_dense_block] [--head=mm]
+      [--sign=increasing|decreasing]
 
 ``--out`` must lie outside every run folder and hold none
 (``jaxsurv.runs.refuse_output_near_runs``): the run's own folder, a folder
@@ -629,7 +630,8 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: bool = False,
-            layer: str = gradcam.LAST_DENSE_BLOCK, head: str = "mm", step_days: float = 30.0,
+            layer: str = gradcam.LAST_DENSE_BLOCK, head: str = "mm", sign: str = "increasing",
+            step_days: float = 30.0,
             batch_size: int | None = None, overwrite: bool = False,
             check_images: bool | str = True, progress: bool = True) -> dict:
   """Predicts (and optionally explains) new patients with a finished MMNN run.
@@ -645,6 +647,10 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
     layer: Grad-CAM layer (``gradcam.mmnn_grad_cam``; default the last dense
       block's output).
     head: Grad-CAM head: ``"mm"`` (multimodal, the prediction) or ``"image"``.
+    sign: ``"increasing"`` (Grad-CAM as published: the evidence that raises
+      the log-hazard) or ``"decreasing"`` (the gradient of minus the
+      log-hazard: what lowers it; a low-risk patient's increasing map is
+      often empty). Written into every PNG title and ``heatmaps.csv``.
     step_days: survival curve grid step (days).
     batch_size: patients per forward pass (default ``config.eval_batch_size``).
     overwrite: replace a non-empty ``out`` (never a run folder, nor a folder
@@ -686,7 +692,10 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
     if head not in run.heads:
       raise UserError(f"--head: {head!r} is not an output of this model; available: "
                       f"{list(run.heads)}")
-    cam_jit = jax.jit(functools.partial(gradcam.mmnn_grad_cam, run.model, layer=layer, head=head))
+    if sign not in gradcam.SIGNS:
+      raise UserError(f"--sign: expected one of {list(gradcam.SIGNS)}, got {sign!r}")
+    cam_jit = jax.jit(functools.partial(gradcam.mmnn_grad_cam, run.model, layer=layer, head=head,
+                                        sign=sign))
     # Fails now (not after preprocessing) on an unknown layer.
     try:
       jax.eval_shape(cam_jit, run.variables,
@@ -746,20 +755,20 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
         for r, i in enumerate(rows):
           if i in cases:  # No heat map without an image.
             cam_rows += _write_patient_heatmaps(run, cases[i], res, r, ids[i], names[i],
-                                                tmp / "heatmaps", layer, head)
+                                                tmp / "heatmaps", layer, head, sign)
     bar.close()
     if failures:
       raise InputError(failures, str(manifest))
     risk_head = ["clinical" if i in no_image else "mm" for i in range(n)]
     summary = _write_outputs(run, tmp, ids, risk, risk_head, cam_rows, warnings, step_days,
-                             manifest, heatmaps, layer, head)
+                             manifest, heatmaps, layer, head, sign)
   log.info("wrote predictions for %d patients to %s", n, out)
   return summary
 
 
 def _write_patient_heatmaps(run: TrainedRun, case: mri.PreprocessedCase, res: gradcam.GradCAM,
                             r: int, pid: str, name: str, folder: pathlib.Path, layer: str,
-                            head: str) -> list[dict]:
+                            head: str, sign: str = "increasing") -> list[dict]:
   """NIfTI (original space) + PNG per outcome for batch row ``r``; returns heatmaps.csv rows."""
   import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
   scan = mri.read_image(case.image_paths[0], check=False)
@@ -774,10 +783,10 @@ def _write_patient_heatmaps(run: TrainedRun, case: mri.PreprocessedCase, res: gr
     heat = gradcam.save_heatmap_nifti(cam, case, nii)
     png = gradcam.save_overlay_png(
         scan, heat, folder / name / f"gradcam_{o}.png", mask=mask,
-        title=f"{pid}: Grad-CAM of {o.upper()} log-hazard ({head} head, {layer}); "
+        title=f"{pid}: risk-{sign} Grad-CAM of {o.upper()} log-hazard ({head} head, {layer}); "
               f"risk {float(res.scores[r, k]):.3f}")
     total = float(cam.sum())
-    rows.append({"patient_id": pid, "outcome": o, "head": head, "layer": layer,
+    rows.append({"patient_id": pid, "outcome": o, "head": head, "layer": layer, "sign": sign,
                  "risk": float(res.scores[r, k]), "peak": float(res.peak[r, k]),
                  "heat_in_tumour": float(cam[inside].sum() / total) if total > 0 else float("nan"),
                  "nifti": str(nii.relative_to(folder.parent)),
@@ -788,7 +797,8 @@ def _write_patient_heatmaps(run: TrainedRun, case: mri.PreprocessedCase, res: gr
 def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str],
                    risk: Mapping[str, np.ndarray], risk_head: Sequence[str],
                    cam_rows: list[dict], warnings: list[mf.Problem], step_days: float,
-                   manifest: PathLike, heatmaps: bool, layer: str, head: str) -> dict:
+                   manifest: PathLike, heatmaps: bool, layer: str, head: str,
+                   sign: str = "increasing") -> dict:
   """Writes predictions.csv, survival_curves.csv, heatmaps.csv and summary.json into ``tmp``.
 
   ``risk_head[i]`` is the head that scores patient ``i``: ``"mm"`` (the
@@ -837,7 +847,7 @@ def _write_outputs(run: TrainedRun, tmp: pathlib.Path, ids: list[str],
       "preprocess_fingerprint": run.fingerprint,
       "survival_grid": {o: {"step_days": float(step_days), "last_event_days": float(b.times[-1])}
                         for o, b in run.baselines.items()},
-      "heatmaps": ({"layer": layer, "head": head, "normalisation": "per patient and outcome, "
+      "heatmaps": ({"layer": layer, "head": head, "sign": sign, "normalisation": "per patient and outcome, "
                     "divided by the map's maximum (0 = no positive evidence)"}
                    if heatmaps else None),
       "notes": notes, "warnings": [str(w) for w in warnings]}
@@ -867,6 +877,9 @@ def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None = None) -> Non
   flags.DEFINE_string("layer", gradcam.LAST_DENSE_BLOCK,
                       "Grad-CAM layer: last_dense_block (default), block_<i>, or a module path "
                       "inside the image encoder (e.g. norm5)", flag_values=fv)
+  flags.DEFINE_enum("sign", "increasing", ["increasing", "decreasing"],
+                    "Grad-CAM sign: increasing (what raises the log-hazard, as published) or "
+                    "decreasing (what lowers it)", flag_values=fv)
   flags.DEFINE_enum("head", "mm", ["mm", "image"],
                     "head whose log-hazard Grad-CAM explains (default: mm, the prediction)",
                     flag_values=fv)
@@ -905,7 +918,7 @@ def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
   if fv.manifest is None or fv.input is not None:
     raise UserError(f"{fv.workdir} is an MMNN run: give --manifest=CSV (not --input)")
   summary = predict(fv.workdir, fv.manifest, fv.out, heatmaps=fv.heatmaps, layer=fv.layer,
-                    head=fv.head, step_days=fv.step_days, batch_size=fv.batch_size,
+                    head=fv.head, sign=fv.sign, step_days=fv.step_days, batch_size=fv.batch_size,
                     overwrite=fv.overwrite, check_images=fv.check_images,
                     progress=not fv.no_progress)
   print(f"{summary['n_patients']} patients -> {pathlib.Path(fv.out).resolve()}")

@@ -35,6 +35,7 @@ import SimpleITK as sitk
 from conftest import REPO, tiny_mmnn_config
 from jaxsurv import predict
 from jaxsurv.data import mri
+from jaxsurv.errors import UserError
 
 
 def _tiny_config():
@@ -151,6 +152,16 @@ def test_heatmaps_on_the_demo_scans(trained, tmp_path):
     assert (out / r["png"]).stat().st_size > 1000
     risk = pred.set_index("patient_id").loc[r["patient_id"], f"risk_{r['outcome']}"]
     assert r["risk"] == pytest.approx(risk, abs=1e-5)
+  assert set(cams["sign"]) == {"increasing"} and summary["heatmaps"]["sign"] == "increasing"
+  # The risk-decreasing maps (gradient of minus the log-hazard), said so in the outputs.
+  dec = predict.predict(workdir, path, tmp_path / "dec", heatmaps=True, sign="decreasing",
+                        progress=False)
+  cams_dec = pd.read_csv(tmp_path / "dec" / "heatmaps" / "heatmaps.csv")
+  assert set(cams_dec["sign"]) == {"decreasing"} and dec["heatmaps"]["sign"] == "decreasing"
+  np.testing.assert_allclose(cams_dec["risk"], cams["risk"], atol=1e-6)
+  with pytest.raises(UserError, match="--sign"):
+    predict.predict(workdir, path, tmp_path / "bad_sign", heatmaps=True, sign="up",
+                    progress=False)
 
 
 def test_bad_manifests_name_patients_and_files_and_write_nothing(trained, tmp_path):
