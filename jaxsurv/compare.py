@@ -171,55 +171,103 @@ def fit_classical(kind: str, x_train: np.ndarray, duration: np.ndarray, event: n
   raise ValueError(f"kind must be 'coxph', 'rsf' or 'coxnet', got {kind!r}")
 
 
+def _coxnet_path(x: np.ndarray, y, l1_ratio: float, alphas: np.ndarray | None, **kw):
+  """A fitted ``CoxnetSurvivalAnalysis`` path, shortened from its small-alpha end on failure.
+
+  PyRadiomics features are many and collinear, so the path can fail
+  numerically at its smallest alphas (scikit-survival's ``ArithmeticError``:
+  "weights are too large"); the path is then refitted down to a larger
+  smallest alpha, halving the list each time. Returns ``(model, alphas
+  fitted)``, or ``(None, [])`` when even the largest alpha fails. Without
+  ``alphas``, the automatic path (``n_alphas``, ``alpha_min_ratio``) is
+  tried with ``alpha_min_ratio`` raised to 0.05, 0.2, 0.5 in turn.
+  """
+  from sksurv.linear_model import CoxnetSurvivalAnalysis  # pylint: disable=import-outside-toplevel
+  if alphas is None:  # The automatic path, its smallest alpha raised until it fits.
+    ratio = float(kw.pop("alpha_min_ratio"))
+    for r in (ratio, 0.05, 0.2, 0.5):
+      if r < ratio:
+        continue
+      try:
+        m = CoxnetSurvivalAnalysis(l1_ratio=l1_ratio, alpha_min_ratio=r, **kw).fit(x, y)
+        return m, np.asarray(m.alphas_, float)
+      except ArithmeticError:
+        pass
+    return None, np.zeros(0)
+  alphas = np.asarray(alphas, float)
+  while len(alphas):
+    try:
+      return CoxnetSurvivalAnalysis(l1_ratio=l1_ratio, alphas=alphas).fit(x, y), alphas
+    except ArithmeticError:
+      alphas = alphas[: len(alphas) // 2]
+  return None, alphas
+
+
 def fit_coxnet_cv(x_train: np.ndarray, y, *, seed: int, l1_ratios=(0.1, 0.5, 0.9, 1.0),
                   n_alphas: int = 20, alpha_min_ratio: float = 0.01, folds: int = 5):
   """Elastic-net Cox with ``alpha`` and ``l1_ratio`` chosen by K-fold CV on Harrell's C.
 
   For each ``l1_ratio`` the candidate alphas are the regularisation path that
   ``sksurv.linear_model.CoxnetSurvivalAnalysis`` computes on the whole
-  training part (``n_alphas``, down to ``alpha_min_ratio`` of the largest);
-  every (alpha, l1_ratio) is scored by ``sklearn.model_selection.GridSearchCV``
-  over ``folds`` shuffled folds with the estimator's own score (Harrell's C),
-  a fit that fails to converge scoring NaN. The best pair is refitted on the
-  whole training part (the MMNN paper, Methods, "Radiomics models": "5-fold
-  CV and optimizing the concordance index"; scikit-survival's user guide,
-  "Penalized Cox Models").
+  training part (``n_alphas``, down to ``alpha_min_ratio`` of the largest).
+  On each of ``folds`` shuffled folds (``sklearn.model_selection.KFold``,
+  ``random_state=seed``) the whole path is fitted once on the other folds
+  (warm-started along the path) and every alpha scores Harrell's C on the
+  held-out fold, as glmnet's ``cv.glmnet`` does (Friedman, Hastie &
+  Tibshirani, J Stat Softw 33(1), 2010, Sec. 2.5); an alpha a fold could not
+  fit scores NaN. The (alpha, l1_ratio) of the best mean C over folds is
+  refitted on the whole training part, along the path down to that alpha (the
+  MMNN paper, Methods, "Radiomics models": "5-fold CV and optimizing the
+  concordance index").
 
   Args:
     x_train: ``[n, features]``, standardised. y: scikit-survival's structured
       array (``sksurv.util.Surv``).
 
   Returns:
-    The refitted ``CoxnetSurvivalAnalysis``, with ``cv_best_`` = ``{"alpha",
+    The refitted ``CoxnetSurvivalAnalysis`` (its ``predict`` uses the chosen
+    alpha, the last of its path), with ``cv_best_`` = ``{"alpha",
     "l1_ratio", "cv_cindex"}``.
 
   Raises:
-    ValueError: no (alpha, l1_ratio) converged on every fold.
+    ValueError: no (alpha, l1_ratio) could be fitted on every fold.
   """
   import warnings  # pylint: disable=import-outside-toplevel
-  from sklearn.exceptions import ConvergenceWarning, FitFailedWarning  # pylint: disable=import-outside-toplevel
-  from sklearn.model_selection import GridSearchCV, KFold  # pylint: disable=import-outside-toplevel
-  from sksurv.linear_model import CoxnetSurvivalAnalysis  # pylint: disable=import-outside-toplevel
+  from sklearn.exceptions import ConvergenceWarning  # pylint: disable=import-outside-toplevel
+  from sklearn.model_selection import KFold  # pylint: disable=import-outside-toplevel
+  from sksurv.metrics import concordance_index_censored  # pylint: disable=import-outside-toplevel
   best = None
+  event, time_ = y[y.dtype.names[0]], y[y.dtype.names[1]]
+  splits = list(KFold(int(folds), shuffle=True, random_state=seed).split(x_train))
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore", (ConvergenceWarning, FitFailedWarning, UserWarning))
+    warnings.simplefilter("ignore", (ConvergenceWarning, UserWarning))
     for l1 in l1_ratios:
-      path = CoxnetSurvivalAnalysis(l1_ratio=float(l1), n_alphas=int(n_alphas),
-                                    alpha_min_ratio=float(alpha_min_ratio)).fit(x_train, y)
-      grid = GridSearchCV(CoxnetSurvivalAnalysis(l1_ratio=float(l1)),
-                          {"alphas": [[float(a)] for a in path.alphas_]},
-                          cv=KFold(int(folds), shuffle=True, random_state=seed),
-                          error_score=np.nan, n_jobs=1).fit(x_train, y)
-      scores = np.asarray(grid.cv_results_["mean_test_score"], float)
-      if not np.isfinite(scores).any():
+      _, alphas = _coxnet_path(x_train, y, float(l1), None, n_alphas=int(n_alphas),
+                               alpha_min_ratio=float(alpha_min_ratio))
+      if not len(alphas):
         continue
-      k = int(np.nanargmax(scores))
-      if best is None or scores[k] > best["cv_cindex"]:
-        best = {"alpha": float(path.alphas_[k]), "l1_ratio": float(l1),
-                "cv_cindex": float(scores[k])}
+      scores = np.full((len(splits), len(alphas)), np.nan)
+      for f, (fit_idx, val_idx) in enumerate(splits):
+        model, fitted = _coxnet_path(x_train[fit_idx], y[fit_idx], float(l1), alphas)
+        for k, a in enumerate(fitted):
+          try:
+            scores[f, k] = concordance_index_censored(
+                event[val_idx], time_[val_idx], model.predict(x_train[val_idx], alpha=a))[0]
+          except ValueError:  # No comparable pair in this fold.
+            pass
+      mean = scores.mean(axis=0)  # NaN where any fold failed.
+      if not np.isfinite(mean).any():
+        continue
+      k = int(np.nanargmax(mean))
+      if best is None or mean[k] > best["cv_cindex"]:
+        best = {"alpha": float(alphas[k]), "l1_ratio": float(l1), "cv_cindex": float(mean[k]),
+                "path": alphas[: k + 1]}
     if best is None:
-      raise ValueError("elastic-net Cox: no (alpha, l1_ratio) converged on every CV fold")
-    model = CoxnetSurvivalAnalysis(l1_ratio=best["l1_ratio"], alphas=[best["alpha"]]).fit(x_train, y)
+      raise ValueError("elastic-net Cox: no (alpha, l1_ratio) could be fitted on every CV fold")
+    model, fitted = _coxnet_path(x_train, y, best["l1_ratio"], best.pop("path"))
+    if model is None or not np.isclose(fitted[-1], best["alpha"]):
+      raise ValueError(f"elastic-net Cox: the refit on the whole training part failed at alpha "
+                       f"{best['alpha']:.4g}")
   model.cv_best_ = best
   return model
 
@@ -324,7 +372,7 @@ def classical_row(row: str, table: pd.DataFrame, part_ids: Mapping[str, np.ndarr
         bootstrap_resamples=config.eval.bootstrap_resamples, seed=config.seed, survival_fn=fn)
     if kind == "coxnet":
       out["outcomes"][o]["cv_best"] = model.cv_best_
-      out["outcomes"][o]["nonzero_coefficients"] = int(np.sum(np.abs(model.coef_) > 0))
+      out["outcomes"][o]["nonzero_coefficients"] = int(np.sum(np.abs(model.coef_[:, -1]) > 0))
     for key, values in (("test_risk", risk_test),
                         ("test_p5y", survival.event_probability(fn(np.array([h]))[:, 0]))):
       full = np.full(len(part_ids["test"]), np.nan)

@@ -90,7 +90,7 @@ def test_elastic_net_cox_cv_equals_a_hand_rolled_cross_validation():
                        index=table["patient_id"])
   feats["f0"] += 0.02 * (table["age"].fillna(60).to_numpy() - 60)  # One informative feature.
   config = _config()
-  config.compare.coxnet = dict(l1_ratios=(0.5, 1.0), n_alphas=5, alpha_min_ratio=0.05, folds=5)
+  config.compare.coxnet = dict(l1_ratios=(0.5, 1.0), n_alphas=5, alpha_min_ratio=0.3, folds=5)
   res = compare.classical_row("radiomics_clinical_coxnet", table, parts, config, feats)
   assert res["variables"] == ["radiomics (4)", "age", "grade"]
   numeric = ["age", "grade"] + [f"radiomics:f{i}" for i in range(4)]
@@ -101,24 +101,26 @@ def test_elastic_net_cox_cv_equals_a_hand_rolled_cross_validation():
     tr, te = by_id.loc[parts["train"]], by_id.loc[parts["test"]]
     ev, t = tr[f"{o}_event"].to_numpy().astype(bool), tr[f"{o}_time"].to_numpy()
     y = Surv.from_arrays(event=ev, time=t)
-    best = (-1.0, None, None)
+    # cv.glmnet's procedure: the whole path per fold, every alpha scored on the held-out fold.
+    best = (-1.0, None, None, None)
     for l1 in (0.5, 1.0):
       alphas = CoxnetSurvivalAnalysis(l1_ratio=l1, n_alphas=5,
-                                      alpha_min_ratio=0.05).fit(xs["train"], y).alphas_
-      for a in alphas:
-        cs = []
-        for fit_idx, val_idx in KFold(5, shuffle=True, random_state=config.seed).split(
-            xs["train"]):
-          m = CoxnetSurvivalAnalysis(l1_ratio=l1, alphas=[a]).fit(xs["train"][fit_idx],
+                                      alpha_min_ratio=0.3).fit(xs["train"], y).alphas_
+      cs = np.zeros((5, len(alphas)))
+      for f, (fit_idx, val_idx) in enumerate(KFold(5, shuffle=True, random_state=config.seed)
+                                             .split(xs["train"])):
+        m = CoxnetSurvivalAnalysis(l1_ratio=l1, alphas=alphas).fit(xs["train"][fit_idx],
                                                                    y[fit_idx])
-          cs.append(concordance_index_censored(ev[val_idx], t[val_idx],
-                                               m.predict(xs["train"][val_idx]))[0])
-        if np.mean(cs) > best[0]:
-          best = (np.mean(cs), a, l1)
+        for k, a in enumerate(alphas):
+          cs[f, k] = concordance_index_censored(ev[val_idx], t[val_idx],
+                                                m.predict(xs["train"][val_idx], alpha=a))[0]
+      k = int(np.argmax(cs.mean(axis=0)))
+      if cs.mean(axis=0)[k] > best[0]:
+        best = (cs.mean(axis=0)[k], alphas[k], l1, alphas[: k + 1])
     got = res["outcomes"][o]["cv_best"]
     assert got["cv_cindex"] == pytest.approx(best[0], abs=1e-12)
     assert (got["alpha"], got["l1_ratio"]) == pytest.approx((best[1], best[2]))
-    model = CoxnetSurvivalAnalysis(l1_ratio=best[2], alphas=[best[1]]).fit(xs["train"], y)
+    model = CoxnetSurvivalAnalysis(l1_ratio=best[2], alphas=best[3]).fit(xs["train"], y)
     np.testing.assert_allclose(res["test_risk"][o], model.predict(xs["test"]), rtol=1e-9)
     c = concordance_index_censored(te[f"{o}_event"].astype(bool), te[f"{o}_time"],
                                    model.predict(xs["test"]))[0]
