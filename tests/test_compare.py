@@ -128,6 +128,30 @@ def test_elastic_net_cox_cv_equals_a_hand_rolled_cross_validation():
     assert np.all((np.asarray(res["test_p5y"][o]) >= 0) & (np.asarray(res["test_p5y"][o]) <= 1))
 
 
+@pytest.mark.parametrize("row", ["radiomics_rsf", "radiomics_clinical_rsf"])
+def test_radiomics_forests_equal_scikit_survival_on_the_same_features(row):
+  table, parts = _cohort()
+  rng = np.random.default_rng(7)
+  feats = pd.DataFrame(rng.normal(size=(len(table), 3)), columns=["shape_a", "t1c_b", "t2fs_c"],
+                       index=table["patient_id"])
+  feats.iloc[205] = np.nan  # A test patient PyRadiomics could not featurise: imputed.
+  res = compare.classical_row(row, table, parts, _config(), feats)
+  clinical = [] if row == "radiomics_rsf" else ["age", "grade"]
+  assert res["variables"] == ["radiomics (3; 1 patients without, imputed)"] + clinical
+  joined = pd.concat([table, feats.reset_index(drop=True).add_prefix("radiomics:")], axis=1)
+  xs, names = compare.design_matrices(joined, parts, clinical + [f"radiomics:{c}" for c in feats],
+                                      [])
+  assert res["features"] == len(names) == len(clinical) + 3 + (row != "radiomics_rsf")
+  by_id = table.set_index("patient_id")
+  for o in ("os", "dm"):
+    tr = by_id.loc[parts["train"]]
+    y = Surv.from_arrays(event=tr[f"{o}_event"].astype(bool), time=tr[f"{o}_time"])
+    model = RandomSurvivalForest(n_estimators=20, min_samples_leaf=10, max_features="sqrt",
+                                 n_jobs=1, random_state=3).fit(xs["train"], y)
+    np.testing.assert_allclose(res["test_risk"][o], model.predict(xs["test"]), rtol=1e-10)
+    assert np.isfinite(res["test_risk"][o]).all()
+
+
 def test_radiomics_rows_without_features_are_skipped():
   table, parts = _cohort()
   res = compare.classical_row("radiomics_rsf", table, parts, _config(), None)
