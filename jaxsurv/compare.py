@@ -55,9 +55,12 @@ whether MMNN beats each row, and links to the figures),
 ``DIR/figures/fig2_<outcome>.png`` (the paper's Fig. 2: 5-year ROC with
 binormal smoothing and calibration per quintile against Kaplan-Meier, every
 row with 5-year probabilities, ``jaxsurv.figures``; the numbers beside it as
-CSV), ``DIR/rows/<row>.json`` (finished rows, reused
-on a rerun) and ``DIR/compare.json`` (the config: a DIR made with another
-config is refused).
+CSV), ``DIR/localisation/<row>_<layer>.json`` / ``.md`` (where each network
+row's Grad-CAM maps put their mass against chance, ``jaxsurv.localisation``;
+the paper's Fig. 3 claim, measured; summarised in ``table3.md``),
+``DIR/rows/<row>.json`` (finished rows, reused on a rerun) and
+``DIR/compare.json`` (the config: a DIR made with another config is
+refused).
 """
 
 from __future__ import annotations
