@@ -190,8 +190,7 @@ def test_paired_difference_uses_the_same_resamples_for_both_models():
 def test_compare_command_writes_every_row_reuses_them_and_refuses_another_config(tmp_path):
   config = tiny_mmnn_config(num_epochs=1)
   config.compare.coxnet = dict(l1_ratios=(0.5,), n_alphas=4, alpha_min_ratio=0.1, folds=3)
-  rows = ["sarculator_coxph", "radiomics_rsf", "radiomics_clinical_coxnet", "mmnn_noblend",
-          "mmnn", "oracle"]
+  rows = ["sarculator_coxph", "radiomics_rsf", "radiomics_clinical_coxnet", "mmnn", "oracle"]
   out = tmp_path / "cmp"
   df = compare.run_compare(config, out, seeds=1, rows=rows)
   assert list(df["row"]) == rows
@@ -216,7 +215,7 @@ def test_compare_command_writes_every_row_reuses_them_and_refuses_another_config
   assert got.loc["mmnn", "gflops_per_sample"] > 0
   assert np.isfinite(got.loc["sarculator_coxph", "mmnn_minus_row_os"])
   md = (out / "table3.md").read_text()
-  assert "| MMNN without gradient blending |" in md and "Paired bootstrap" in md
+  assert "| Radiomics, RSF |" in md and "Paired bootstrap" in md
   assert (out / "runs" / "mmnn" / "seed_0" / "results.json").exists()
   # Rerun: every finished row is reused (no run is trained again).
   stamp = {p: p.stat().st_mtime_ns for p in (out / "rows").iterdir()}
@@ -232,3 +231,15 @@ def test_compare_command_writes_every_row_reuses_them_and_refuses_another_config
     compare.run_compare(other, out, seeds=1, rows=rows)
   with pytest.raises(UserError, match="unknown rows"):
     compare.run_compare(config, tmp_path / "x", seeds=1, rows=["nope"])
+
+
+def test_network_rows_differ_only_in_modalities_blending_and_seed():
+  config = tiny_mmnn_config()
+  rows = {r: compare.network_config(r, config, 2) for r in compare.NETWORKS}
+  assert tuple(rows["densenet"].data.modalities) == ("image",)
+  assert not rows["densenet"].blend.enabled and not rows["mmnn_noblend"].blend.enabled
+  assert tuple(rows["mmnn_noblend"].data.modalities) == ("image", "clinical")
+  assert rows["mmnn"].blend.enabled == config.blend.enabled
+  assert all(c.seed == config.seed + 2 for c in rows.values())
+  with pytest.raises(ValueError, match="not a network row"):
+    compare.network_config("clinical_rsf", config, 0)
