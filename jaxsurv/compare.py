@@ -313,6 +313,26 @@ def _plain(c):
   return c.to_dict() if hasattr(c, "to_dict") else dict(c or {})
 
 
+def _one_radiomics_flag(xs: Mapping[str, np.ndarray], features: Sequence[str]):
+  """Keeps one ``__missing`` indicator for the radiomics features (where they agree).
+
+  A patient without radiomics features lacks all of them, so the
+  preprocessor's per-column indicators (``radiomics:<f>__missing``) are
+  identical; one column, ``radiomics__missing``, says the same without
+  giving a forest 200 copies of it to sample.
+  """
+  flags = [i for i, f in enumerate(features)
+           if f.startswith("radiomics:") and f.endswith("__missing")]
+  same = [i for i in flags[1:]
+           if all(np.array_equal(x[:, i], x[:, flags[0]]) for x in xs.values())]
+  if not same:
+    return xs, list(features)
+  keep = [i for i in range(len(features)) if i not in set(same)]
+  names = [features[i] for i in keep]
+  names[keep.index(flags[0])] = "radiomics__missing"
+  return {p: x[:, keep] for p, x in xs.items()}, names
+
+
 def classical_row(row: str, table: pd.DataFrame, part_ids: Mapping[str, np.ndarray],
                   config, radiomics_features: pd.DataFrame | None = None) -> dict:
   """Fits and evaluates one classical or radiomics row; ``{"skipped": reason}`` when it cannot run.
@@ -351,6 +371,8 @@ def classical_row(row: str, table: pd.DataFrame, part_ids: Mapping[str, np.ndarr
     return {"skipped": f"the cohort has none of the variables {list(names)}"}
   from jaxsurv import survival  # pylint: disable=import-outside-toplevel
   xs, features = design_matrices(table, part_ids, numeric, categorical)
+  if uses_radiomics:
+    xs, features = _one_radiomics_flag(xs, features)
   outcomes = tuple(config.data.outcomes)
   targets = {p: _targets(table, ids, outcomes) for p, ids in part_ids.items()}
   d_tr, e_tr, m_tr = targets["train"]

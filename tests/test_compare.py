@@ -135,13 +135,19 @@ def test_radiomics_forests_equal_scikit_survival_on_the_same_features(row):
   feats = pd.DataFrame(rng.normal(size=(len(table), 3)), columns=["shape_a", "t1c_b", "t2fs_c"],
                        index=table["patient_id"])
   feats.iloc[205] = np.nan  # A test patient PyRadiomics could not featurise: imputed.
+  feats.iloc[7] = np.nan  # A training patient too: one indicator column, not three.
   res = compare.classical_row(row, table, parts, _config(), feats)
   clinical = [] if row == "radiomics_rsf" else ["age", "grade"]
-  assert res["variables"] == ["radiomics (3; 1 patients without, imputed)"] + clinical
+  assert res["variables"] == ["radiomics (3; 2 patients without, imputed)"] + clinical
   joined = pd.concat([table, feats.reset_index(drop=True).add_prefix("radiomics:")], axis=1)
   xs, names = compare.design_matrices(joined, parts, clinical + [f"radiomics:{c}" for c in feats],
                                       [])
-  assert res["features"] == len(names) == len(clinical) + 3 + (row != "radiomics_rsf")
+  flags = [i for i, n in enumerate(names) if n.startswith("radiomics:") and n.endswith("__missing")]
+  assert len(flags) == 3 and all(np.array_equal(xs["train"][:, flags[0]], xs["train"][:, i])
+                                 for i in flags)
+  keep = [i for i in range(len(names)) if i not in flags[1:]]
+  xs = {p: x[:, keep] for p, x in xs.items()}
+  assert res["features"] == len(keep) == len(clinical) + 3 + 1 + (row != "radiomics_rsf")
   by_id = table.set_index("patient_id")
   for o in ("os", "dm"):
     tr = by_id.loc[parts["train"]]
