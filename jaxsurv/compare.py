@@ -762,7 +762,7 @@ def localisation_rows(results: Mapping[str, dict], prepared, test_ids: np.ndarra
   Returns:
     ``{(row, layer): summary}``.
   """
-  from jaxsurv import localisation  # pylint: disable=import-outside-toplevel
+  from jaxsurv import localisation, predict  # pylint: disable=import-outside-toplevel
   done = {}
   if prepared.images is None:
     return done
@@ -770,14 +770,16 @@ def localisation_rows(results: Mapping[str, dict], prepared, test_ids: np.ndarra
   for name in NETWORKS:
     if name not in results or "skipped" in results[name]:
       continue
+    run = None  # Loaded once for both layers, and only if one is missing.
     for layer in LOCALISATION_LAYERS:
       path = folder / f"{name}_{layer}.json"
       if path.exists():
         done[(name, layer)] = json.loads(path.read_text())
         continue
       t0 = time.time()
-      summary = localisation.localisation_summary(out / "runs" / name / "seed_0", prepared,
-                                                  list(test_ids), layer=layer)
+      if run is None:
+        run = predict.load_run(out / "runs" / name / "seed_0")
+      summary = localisation.localisation_summary(run, prepared, list(test_ids), layer=layer)
       summary["wall_s"] = time.time() - t0
       folder.mkdir(parents=True, exist_ok=True)
       (folder / f"{name}_{layer}.md").write_text(localisation.markdown(summary))

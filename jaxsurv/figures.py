@@ -20,6 +20,7 @@ Agg canvas (``jaxsurv.io.pyplot``), written atomically.
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Mapping, NamedTuple
 
 import numpy as np
@@ -90,7 +91,7 @@ def curves_table(curves: Mapping[str, ModelCurves]) -> pd.DataFrame:
 
 def plot_roc_calibration(path: PathLike, curves: Mapping[str, ModelCurves], *,
                          title: str) -> None:
-  """Writes the two-panel figure to ``path`` (PNG) and its data to ``path`` with ``.csv``."""
+  """Writes the two-panel figure to ``path`` (PNG) and its data beside it (suffix ``.csv``)."""
   plt = pyplot()
   fig, (ax_roc, ax_cal) = plt.subplots(1, 2, figsize=(11, 4.8))
   colours = plt.get_cmap("tab10")
@@ -122,5 +123,4 @@ def plot_roc_calibration(path: PathLike, curves: Mapping[str, ModelCurves], *,
   fig.tight_layout()
   save_png_atomic(fig, path)
   plt.close(fig)
-  write_csv_atomic(curves_table(curves), os.fspath(path)[:-4] + ".csv"
-                   if os.fspath(path).endswith(".png") else os.fspath(path) + ".csv")
+  write_csv_atomic(curves_table(curves), pathlib.Path(path).with_suffix(".csv"))

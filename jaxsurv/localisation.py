@@ -349,10 +349,10 @@ def phantom_tissue_masks(prepared, patient_ids: Sequence[str], *,
 
 
 def _grid_spacing(prepared, i: int, pid: str) -> tuple[float, float, float]:
-  geoms = prepared.case_geometry(i)
-  if geoms is None:
+  spacing = prepared.grid_spacing(i)
+  if spacing is None:
     raise UserError(f"patient {pid!r}: has no image in cohort {prepared.name!r}")
-  return tuple(float(s) for s in geoms[0].spacing[::-1])  # ITK (i, j, k) -> (D, H, W).
+  return spacing
 
 
 def _cohort_clinical(run, table: pd.DataFrame) -> np.ndarray:
@@ -407,6 +407,7 @@ def localisation_table(run, prepared, patient_ids: Sequence[str], *,
       ``phantom_tissue_masks``.
   """
   import jax  # pylint: disable=import-outside-toplevel
+  from jaxsurv import predict  # pylint: disable=import-outside-toplevel
   if not run.has_image:
     raise UserError(f"Grad-CAM needs an image branch; the run has modalities "
                     f"{list(run.modalities)}")
@@ -448,8 +449,8 @@ def localisation_table(run, prepared, patient_ids: Sequence[str], *,
     sel = rows[start:start + bs]
     bids = ids[start:start + bs]
     m = len(sel)
-    image = _pad(prepared.images[sel].astype(np.float32), bs)
-    clinical = _pad(clin[start:start + bs], bs)
+    image = predict.pad_batch(prepared.images[sel].astype(np.float32), bs)
+    clinical = predict.pad_batch(clin[start:start + bs], bs)
     try:
       res = jax.device_get(cam_jit(run.variables, image, clinical))
     except ValueError as e:  # gradcam's errors for an unknown head or layer.
@@ -478,13 +479,6 @@ def localisation_table(run, prepared, patient_ids: Sequence[str], *,
               rec[c] = float(table[c].iloc[sel[j]])
           out.append(rec)
   return pd.DataFrame(out)
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  """Pads the batch axis with zeros to ``size`` rows (one compiled shape for every batch)."""
-  if len(x) == size:
-    return x
-  return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
 
 
 # ----------------------------------------------------------------------------

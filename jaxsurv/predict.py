@@ -617,8 +617,12 @@ def _staging(out: pathlib.Path, overwrite: bool) -> Iterator[pathlib.Path]:
     raise
 
 
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  """Pads axis 0 to ``size`` by repeating row 0 (fixed batch shape: one compilation)."""
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+  """Pads axis 0 to ``size`` by repeating row 0 (fixed batch shape: one compilation).
+
+  In eval mode a patient's outputs do not depend on the rest of the batch,
+  so the padding rows only need to be valid inputs; callers drop them.
+  """
   if len(x) >= size:
     return x
   return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
@@ -740,12 +744,12 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
         if failures:
           continue  # Keep checking the other patients, report them all.
         shape = run.preprocess.grid + (len(run.spec.channels),)
-        image = _pad(np.stack([cases[i].volume if i in cases else np.zeros(shape, np.float32)
+        image = pad_batch(np.stack([cases[i].volume if i in cases else np.zeros(shape, np.float32)
                                for i in rows]), bs)
       else:
         bar.update(len(rows))
         image = None
-      clinical = _pad(clin[rows], bs)
+      clinical = pad_batch(clin[rows], bs)
       outs = predict_jit(run.variables.get("params"), run.variables.get("batch_stats", {}),
                          image, clinical)
       for h in run.heads:

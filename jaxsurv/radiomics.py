@@ -332,13 +332,12 @@ def _run_job(job: _Job) -> tuple[int, dict[str, float] | None, str | None]:
 
 def _grid_spacing(prepared, i: int) -> tuple[float, float, float]:
   """Patient ``i``'s grid voxel size (mm) in ``(D, H, W)`` order, from its stored grid geometry."""
-  info = prepared.case_info[i] if prepared.case_info else None
-  geom = (info or {}).get("grid_geometry")
-  if not geom or "spacing" not in geom:
+  spacing = prepared.grid_spacing(i)
+  if spacing is None:
     raise UserError(f"patient {str(prepared.patient_ids[i])!r}: the prepared cohort "
                     f"{prepared.name!r} stores no grid geometry for this patient; prepare it "
                     "again (jaxsurv.data.prepared.prepare_cohort(..., force=True))")
-  return tuple(float(v) for v in reversed(geom["spacing"]))  # ITK (i, j, k) -> (D, H, W).
+  return spacing
 
 
 def _content_digest(prepared, spacings) -> str:

@@ -76,6 +76,18 @@ class PreparedCohort:
   def __len__(self) -> int:
     return len(self.patient_ids)
 
+  def grid_spacing(self, i: int) -> tuple[float, float, float] | None:
+    """Patient ``i``'s grid voxel size in mm, ``(D, H, W)`` order; None without a stored grid.
+
+    From the stored grid geometry (ITK order ``(i, j, k)`` = ``(W, H, D)``,
+    reversed here to the arrays' axis order).
+    """
+    info = self.case_info[i] if self.case_info else None
+    geom = (info or {}).get("grid_geometry")
+    if not geom or "spacing" not in geom:
+      return None
+    return tuple(float(v) for v in reversed(geom["spacing"]))
+
   def case_geometry(self, i: int) -> tuple[mri.Geometry, mri.Geometry] | None:
     """``(grid geometry, original first-channel geometry)`` of patient ``i``, or None if absent.
 
