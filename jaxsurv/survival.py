@@ -222,3 +222,25 @@ def event_probability(survival_at_horizon) -> np.ndarray:
 def horizons_in_days(years: Sequence[float]) -> np.ndarray:
   """Converts horizons in years to days (365.25 days per year)."""
   return np.asarray(years, dtype=np.float64) * 365.25
+
+
+def horizon_labels(duration, event, horizon_days: float, *, xp=np):
+  """Binary status at a horizon: ``(label, known)``, both ``[n]``.
+
+  ``label`` is 1.0 for an event at or before ``horizon_days`` and 0.0
+  otherwise; ``known`` is False for patients censored before the horizon
+  (their status is unknown), True otherwise. This is the "binary" 5-year
+  AUC's case definition (cases: event by the horizon; controls: followed
+  beyond it) and the label of SarcNet's optional binary head.
+
+  Args:
+    duration: ``[n]`` days to event or censoring.
+    event: ``[n]`` 1 = event, 0 = censored.
+    horizon_days: the horizon in days (5 years = 1826.25).
+    xp: ``numpy`` or ``jax.numpy`` (the task's loss runs under jit).
+  """
+  d = xp.asarray(duration)
+  e = xp.asarray(event).astype(bool)
+  case = e & (d <= horizon_days)
+  known = case | (d > horizon_days)
+  return case.astype(xp.float32), known

@@ -106,6 +106,11 @@ class SingleOutcome:
       inverse-frequency weights fitted on the training part).
     ties: Cox ties method.
     outcome: the outcome's name (``"os"``).
+    horizon_weight: with the Cox loss, the weight of a binary cross-entropy
+      on ``out[:, 1]``, the logit of an event by ``horizon_days`` (SarcNet's
+      optional 5-year head); patients censored before the horizon have an
+      unknown label and are left out of that term. 0 disables it.
+    horizon_days: the binary head's horizon (default 5 years, 1826.25 days).
 
   Batch / part fields: ``duration [n]`` (days), ``event [n]``, ``bin_index
   [n]`` (int, NLL), ``mask [n]``.
@@ -115,10 +120,14 @@ class SingleOutcome:
   use_bin_weights: bool = False
   ties: str = "breslow"
   outcome: str = "os"
+  horizon_weight: float = 0.0
+  horizon_days: float = 1826.25
 
   def __post_init__(self):
     if self.loss_name not in LOSSES:
       raise UserError(f"config.loss.name must be one of {LOSSES}, got {self.loss_name!r}")
+    if self.horizon_weight and self.loss_name != "cox":
+      raise UserError("config.loss.horizon_weight (the binary horizon head) needs the Cox loss")
 
   @property
   def outcomes(self) -> tuple:
@@ -130,8 +139,17 @@ class SingleOutcome:
       bw = bin_weights if self.use_bin_weights else None
       return discrete_time_nll(out.astype(jnp.float32), batch["bin_index"], batch["event"],
                                alpha=self.alpha, bin_weights=bw, mask=batch["mask"])
-    return cox_ph_loss(out[:, 0].astype(jnp.float32), batch["duration"], batch["event"],
+    loss = cox_ph_loss(out[:, 0].astype(jnp.float32), batch["duration"], batch["event"],
                        ties=self.ties, mask=batch["mask"])
+    if self.horizon_weight:
+      label, known = survival.horizon_labels(batch["duration"], batch["event"],
+                                             self.horizon_days, xp=jnp)
+      known = known & batch["mask"].astype(bool)
+      logit = out[:, 1].astype(jnp.float32)
+      bce = jnp.maximum(logit, 0) - logit * label + jnp.log1p(jnp.exp(-jnp.abs(logit)))
+      loss = loss + self.horizon_weight * (jnp.sum(jnp.where(known, bce, 0.0))
+                                           / jnp.maximum(jnp.sum(known), 1))
+    return loss
 
   def loss(self, outputs, batch, task_args):
     return self.data_loss(outputs["out"], batch, task_args), {}

@@ -116,3 +116,4 @@ for _name, _cls in (("healnet", "healnet.HEALNet"), ("early_fusion", "healnet.HE
                     ("porpoise", "fusion.PorpoiseGatedLateFusion"),
                     ("unimodal", "fusion.Unimodal")):
   register(Entry(_name, "jaxsurv.fusion_train", FusionAdapter(), f"jaxsurv.models.{_cls}"))
+register(Entry("sarcnet", "jaxsurv.sarcnet", FusionAdapter(), "jaxsurv.models.sarcnet.SarcNet"))

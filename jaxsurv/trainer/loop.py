@@ -370,12 +370,10 @@ class Trainer:
     controller = controller if controller is not None else ConstantArgs(np.zeros(1))
     steps = self.steps_per_epoch(len(train))
     schedule = optim.lr_schedule(c, steps)
-    accum = int(c.get("grad_accum_steps", 1))
     es = c.get("early_stopping", ml_collections.ConfigDict())
     patience = int(es.get("patience", 0))
     min_epochs = int(es.get("min_epochs", 0))
     min_delta = float(es.get("min_delta", 0.0))
-    log_every = int(c.get("log_every_steps", 0) or 0)
 
     rng_init, rng_loop = jax.random.split(jax.random.key(seed))
     state = self.init_state(rng_init, train)
@@ -408,29 +406,9 @@ class Trainer:
       for epoch in range(start_epoch, c.num_epochs):
         if stopped:
           break
-        order = epoch_order(seed, epoch, len(train))
-        task_args = jnp.asarray(controller.args(), jnp.float32)
-        sums: dict = {}
-        lr = 0.0
-        for s in range(steps):
-          sel = order[s * c.batch_size:(s + 1) * c.batch_size]
-          lr = float(schedule(int(state.step) // accum))
-          state, meas = self.train_step(state, self.batch(train, sel, c.batch_size), rng_loop,
-                                        jnp.asarray(lr, jnp.float32), task_args)
-          for k, v in meas.items():
-            sums[k] = sums.get(k, 0.0) + v
-          if log_every and ((s + 1) % log_every == 0 or s + 1 == steps):
-            loss = float(meas["loss"])
-            self._check_finite(loss, state, epoch)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
-          bar.update(1)
-        means = {k: float(v) / steps for k, v in sums.items()}
-        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
-        if bad:
-          self._check_finite(means["loss"], state, epoch)
-          raise TrainingError(f"non-finite training measurements {bad} in epoch {epoch} (step "
-                              f"{int(state.step)}); the last good checkpoint (epoch "
-                              f"{epoch - 1}) is kept if the run has a workdir")
+        state, means, lr = self.train_epoch(state, train, seed=seed, epoch=epoch, rng=rng_loop,
+                                            schedule=schedule, task_args=controller.args(),
+                                            bar=bar)
         out = self.predict_part(state.params, state.batch_stats, val)
         val_loss = self.task.part_loss(out, val, controller.args())
         if not math.isfinite(val_loss):
@@ -477,6 +455,62 @@ class Trainer:
         mngr.close()
     return FitResult(params=best_host[0], batch_stats=best_host[1], best_epoch=best_epoch,
                      history=history, seconds=time.time() - t0, resumed_from=resumed_from)
+
+  def train_epoch(self, state: TrainState, train: Part, *, seed: int, epoch: int,
+                  rng: jax.Array, schedule: Callable[[int], float], task_args,
+                  bar=None) -> tuple[TrainState, dict, float]:
+    """One epoch of jitted steps over ``train`` in ``epoch_order(seed, epoch)``.
+
+    ``fit`` runs it every epoch; a federated client runs it for its local
+    epochs from the round's global parameters (``jaxsurv.federated``).
+
+    Args:
+      state: the ``TrainState`` (donated to the step).
+      train: the training part (at least one batch).
+      seed, epoch: the data order's seed and epoch number.
+      rng: the loop key (folded with the step number inside the step).
+      schedule: learning rate per optimiser update.
+      task_args: the task's array argument.
+      bar: optional tqdm bar, advanced once per step.
+
+    Returns:
+      ``(state, means, lr)``: the new state, the epoch's mean measurements
+      (``loss``, ``data_loss``, ``l1``, ``grad_norm``, the task's) and the
+      last learning rate.
+
+    Raises:
+      TrainingError: a non-finite loss or measurement.
+    """
+    c = self.config
+    steps = self.steps_per_epoch(len(train))
+    accum = int(c.get("grad_accum_steps", 1))
+    log_every = int(c.get("log_every_steps", 0) or 0)
+    order = epoch_order(seed, epoch, len(train))
+    task_args = jnp.asarray(task_args, jnp.float32)
+    sums: dict = {}
+    lr = 0.0
+    for s in range(steps):
+      sel = order[s * c.batch_size:(s + 1) * c.batch_size]
+      lr = float(schedule(int(state.step) // accum))
+      state, meas = self.train_step(state, self.batch(train, sel, c.batch_size), rng,
+                                    jnp.asarray(lr, jnp.float32), task_args)
+      for k, v in meas.items():
+        sums[k] = sums.get(k, 0.0) + v
+      if log_every and ((s + 1) % log_every == 0 or s + 1 == steps):
+        loss = float(meas["loss"])
+        self._check_finite(loss, state, epoch)
+        if bar is not None:
+          bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
+      if bar is not None:
+        bar.update(1)
+    means = {k: float(v) / steps for k, v in sums.items()}
+    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+    if bad:
+      self._check_finite(means["loss"], state, epoch)
+      raise TrainingError(f"non-finite training measurements {bad} in epoch {epoch} (step "
+                          f"{int(state.step)}); the last good checkpoint (epoch "
+                          f"{epoch - 1}) is kept if the run has a workdir")
+    return state, means, lr
 
   # -- helpers ---------------------------------------------------------------
 

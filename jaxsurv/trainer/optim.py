@@ -20,8 +20,10 @@ direction is zero, so the parameters do not move).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -45,13 +47,42 @@ def optimizer_spec(config: ml_collections.ConfigDict) -> tuple:
     raise UserError(f"config.grad_accum_steps must be >= 1, got {accum}")
   return (o.name, float(o.get("weight_decay", 0.0) or 0.0), float(o.get("b1", 0.9)),
           float(o.get("b2", 0.999)), float(o.get("momentum", 0.9)),
-          bool(o.get("nesterov", False)), float(o.get("clip_norm", 0.0) or 0.0), accum)
+          bool(o.get("nesterov", False)), float(o.get("clip_norm", 0.0) or 0.0), accum,
+          float(o.get("proximal_mu", 0.0) or 0.0))
+
+
+class ProximalState(NamedTuple):
+  """The anchor of the proximal term: the parameters the optimiser was started at."""
+  anchor: Any
+
+
+def add_proximal_term(mu: float) -> optax.GradientTransformation:
+  """FedProx's proximal term as a gradient transform: ``g + mu (w - w0)``.
+
+  FedProx (Li et al., "Federated Optimization in Heterogeneous Networks",
+  MLSys 2020, eq. 2) minimises ``F_k(w) + mu/2 ||w - w^t||^2`` locally,
+  ``w^t`` the global model of the round. The anchor ``w0`` is the
+  parameters passed to ``init``; a federated client starts a fresh optimiser
+  from the global parameters every round (``Trainer.state_from``), so the
+  anchor is ``w^t``. First in the chain, so clipping, weight decay and Adam
+  see the gradient of the proximal objective.
+  """
+  def init(params):
+    return ProximalState(anchor=jax.tree.map(jnp.asarray, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("add_proximal_term needs the parameters in update()")
+    return jax.tree.map(lambda g, w, a: g + mu * (w - a), updates, params, state.anchor), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def optimizer_from_spec(spec: tuple) -> optax.GradientTransformation:
   """``make_optimizer`` from ``optimizer_spec`` (hashable, for caching)."""
-  name, wd, b1, b2, momentum, nesterov, clip, accum = spec
-  parts = [optax.clip_by_global_norm(clip)] if clip else []
+  name, wd, b1, b2, momentum, nesterov, clip, accum, mu = spec
+  parts = [add_proximal_term(mu)] if mu else []
+  parts += [optax.clip_by_global_norm(clip)] if clip else []
   decay = [optax.add_decayed_weights(wd)] if wd else []
   if name == "sgd":
     parts += decay + ([optax.trace(decay=momentum, nesterov=nesterov)] if momentum else [])
