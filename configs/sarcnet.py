@@ -52,6 +52,9 @@ def get_config(arg=None):
   c.data.regions = ""
   c.compare = ml_collections.ConfigDict()
   if a["cohort"] == "tcga_brca":
+    # Europe (71 patients) and Canada (23) have no death at all: the Cox
+    # partial likelihood is undefined there, so they are left out.
+    c.data.regions = "Northeast+South+West+Midwest"
     c.data.columns = sites.tcga_clinical_columns()
     c.data.log1p = ("number_of_lymph_nodes",)
     # Synthetic PAM50-driven bags (the only WSI-like modality with survival here).
@@ -61,6 +64,7 @@ def get_config(arg=None):
     # TCGA-BRCA has no histological grade: AJCC pathologic stage stands in for it.
     c.compare.nomogram = ("years_to_birth", "pathology_T_stage", "pathology_N_stage")
     c.compare.grade = "pathologic_stage"
+    c.compare.grade_label = "Stage alone"
   else:
     c.data.columns = sites.ROTTERDAM_GBSG_NUMERIC
     c.data.log1p = ("nodes", "pgr", "er")
@@ -69,6 +73,7 @@ def get_config(arg=None):
     # histology in these breast cohorts).
     c.compare.nomogram = ("age", "size_band", "grade")
     c.compare.grade = "grade"
+    c.compare.grade_label = "Grade alone"
   c.compare.n_boot = 200 if a["local"] else 1000
 
   c.model = ml_collections.ConfigDict()

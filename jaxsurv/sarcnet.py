@@ -70,7 +70,7 @@ def binary_auc(duration, event, risk, horizon: float = HORIZON_DAYS) -> float:
   from jaxsurv import survival  # pylint: disable=import-outside-toplevel
   label, known = survival.horizon_labels(duration, event, horizon)
   y = label[known]
-  if y.min(initial=1) == y.max(initial=0):
+  if y.size == 0 or y.min() == y.max():
     return float("nan")
   return float(roc_auc_score(y, np.asarray(risk)[known]))
 
@@ -177,9 +177,14 @@ def _nomogram_risk(config, sites: Sequence[sites_lib.Site]) -> dict:
   return out, dict(zip(cols, np.asarray(model.coef_, float).tolist()))
 
 
-def _model_names(site_names: Sequence[str]) -> list[str]:
+def _model_names(site_names: Sequence[str], reference: str) -> list[str]:
   return (["SarcNet federated", "SarcNet pooled"]
-          + [f"SarcNet {s} only" for s in site_names] + ["Cox, nomogram variables", "Grade alone"])
+          + [f"SarcNet {s} only" for s in site_names] + ["Cox, nomogram variables", reference])
+
+
+def reference_name(config) -> str:
+  """The grade row's name (``config.compare.grade_label``, default "Grade alone")."""
+  return config.compare.get("grade_label") or "Grade alone"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -242,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   comparator_seconds = time.time() - t0
   nomo, coef = _nomogram_risk(config, sites)
 
+  ref = reference_name(config)
   # Test risk scores per site, each model with its own training data's scalers.
   risks: dict[str, dict[str, np.ndarray]] = {s: {} for s in names}
   for s in names:
@@ -254,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       risks[s][f"SarcNet {o} only"] = federated.risk_scores(
           config, params[f"SarcNet {o} only"], test(data[o].transform))
     risks[s]["Cox, nomogram variables"] = np.asarray(nomo[s], np.float64)
-    risks[s]["Grade alone"] = site.table.iloc[site.part("test")][
+    risks[s][ref] = site.table.iloc[site.part("test")][
         config.compare.grade].to_numpy(np.float64)
 
   train_d = np.concatenate([data[s].site.table["duration"].to_numpy()[data[s].site.part("train")]
@@ -268,9 +274,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         for s in members])
     e = np.concatenate([data[s].site.table["event"].to_numpy()[data[s].site.part("test")]
                         for s in members])
-    r = {m: np.concatenate([risks[s][m] for s in members]) for m in _model_names(names)}
+    r = {m: np.concatenate([risks[s][m] for s in members]) for m in _model_names(names, ref)}
     scores[label] = score_models(r, d, e, train_d, train_e, n_boot=int(config.compare.n_boot),
-                                 seed=config.seed, reference="Grade alone")
+                                 seed=config.seed, reference=ref)
     scores[label]["_patients"] = {"n": int(len(d)), "events": int(e.sum()),
                                   "events_by_5y": int(((d <= HORIZON_DAYS) & (e == 1)).sum()),
                                   "known_at_5y": int((((d <= HORIZON_DAYS) & (e == 1))
@@ -281,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for i, pid in enumerate(tt["patient_id"]):
       rows.append({"site": s, "patient_id": pid, "duration": tt["duration"].iloc[i],
                    "event": int(tt["event"].iloc[i]),
-                   **{m: float(risks[s][m][i]) for m in _model_names(names)}})
+                   **{m: float(risks[s][m][i]) for m in _model_names(names, ref)}})
   io_lib.write_csv_atomic(pd.DataFrame(rows), workdir / "predictions.csv")
 
   param_bytes = int(sum(a.nbytes for a in federated.flatten(fed_params)))
@@ -296,31 +302,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "bytes_per_round": {"down": int(history[-1]["bytes_down"]),
                           "up": int(history[-1]["bytes_up"])},
       "federated_seconds": sim_seconds, "comparator_seconds": comparator_seconds,
-      "nomogram_coefficients": coef, "horizon_days": HORIZON_DAYS,
+      "nomogram_coefficients": coef, "horizon_days": HORIZON_DAYS, "reference": ref,
       "metrics": scores,
   }
   io_lib.write_json_atomic(results, workdir / "results.json")
-  write_tables(scores, workdir, names)
+  write_tables(scores, workdir, names, ref)
   write_rounds(history, workdir, names)
   return results
 
 
-def write_tables(scores: Mapping, workdir: pathlib.Path, names: Sequence[str]) -> None:
+def write_tables(scores: Mapping, workdir: pathlib.Path, names: Sequence[str],
+                 reference: str) -> None:
   """``table.md`` and ``table.csv``: per evaluation set, model, AUC (95% CI), P vs grade."""
   rows, md = [], []
   f = lambda x: "n/a" if not math.isfinite(x) else f"{x:.3f}"  # noqa: E731
   fp = lambda p: "" if not math.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")  # noqa
+  pkey = f"p_vs_{reference}"
   for label, per in scores.items():
     pat = per["_patients"]
     md += [f"### Test patients: {label} (n={pat['n']}, {pat['events']} events, "
            f"{pat['events_by_5y']} by 5 years, {pat['known_at_5y']} with known 5-year status)", "",
-           "| Model | 5-y AUC, binary (95% CI) | P vs grade | 5-y AUC, C/D IPCW (95% CI) | "
-           "P vs grade | Harrell's C (95% CI) |", "|---|---|---|---|---|---|"]
-    for m in _model_names(names):
+           f"| Model | 5-y AUC, binary (95% CI) | P vs {reference} | 5-y AUC, C/D IPCW (95% CI) | "
+           f"P vs {reference} | Harrell's C (95% CI) |", "|---|---|---|---|---|---|"]
+    for m in _model_names(names, reference):
       s = per[m]
       cell = lambda k: f"{f(s[k]['estimate'])} ({f(s[k]['ci_low'])}-{f(s[k]['ci_high'])})"  # noqa
-      md.append(f"| {m} | {cell('auc5_binary')} | {fp(s['auc5_binary']['p_vs_Grade alone'])} | "
-                f"{cell('auc5_cd')} | {fp(s['auc5_cd']['p_vs_Grade alone'])} | "
+      md.append(f"| {m} | {cell('auc5_binary')} | {fp(s['auc5_binary'][pkey])} | "
+                f"{cell('auc5_cd')} | {fp(s['auc5_cd'][pkey])} | "
                 f"{cell('cindex')} |")
       for k in ("auc5_binary", "auc5_cd", "cindex"):
         rows.append({"test_patients": label, "model": m, "metric": k, **s[k]})
