@@ -246,3 +246,41 @@ def test_rotterdam_gbsg_sites_are_the_packaged_cohorts_with_recurrence_free_surv
     counts = s.table["split"].value_counts()
     assert abs(counts["test"] - round(0.15 * s.n)) <= 1 and set(counts.index) == set(sites_lib.PARTS)
   sites_lib.check_sites([rot, gbsg], sites_lib.ROTTERDAM_GBSG_NUMERIC, bag_dim=None)
+
+
+def test_the_experiment_refuses_bad_sites_before_writing(tmp_path):
+  from jaxsurv import sarcnet
+  config = _config()
+  sites_lib.write_site(_site("a", 72, 0), tmp_path / "a")
+  sites_lib.write_site(_site("b", 40, 1, drop="grade"), tmp_path / "b")
+  config.data.cohort = "folders"
+  config.data.site_dirs = f"a={tmp_path / 'a'},b={tmp_path / 'b'}"
+  with pytest.raises(UserError, match=r"site 'b': missing columns \['grade'\]"):
+    sarcnet.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  config.data.site_dirs = f"a={tmp_path / 'a'},b={tmp_path / 'nowhere'}"
+  with pytest.raises(UserError, match="site 'b': .*clinical.csv does not exist"):
+    sarcnet.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_paired_bootstrap_scores_match_their_references():
+  from sklearn.metrics import roc_auc_score
+  from jaxsurv import metrics, sarcnet
+  rng = np.random.default_rng(3)
+  n = 120
+  d = rng.exponential(1500, n)
+  e = (rng.uniform(size=n) < 0.7).astype(int)
+  r = -np.log(d) + rng.normal(size=n)
+  g = rng.integers(1, 4, n).astype(float)
+  res = sarcnet.score_models({"m": r, "g": g}, d, e, d, e, n_boot=50, seed=0, reference="g")
+  known = (e.astype(bool) & (d <= 1826.25)) | (d > 1826.25)
+  case = e.astype(bool) & (d <= 1826.25)
+  assert res["m"]["auc5_binary"]["estimate"] == pytest.approx(roc_auc_score(case[known],
+                                                                            r[known]))
+  auc, _ = metrics.cumulative_dynamic_auc(d, e, d, e, r, [1826.25])
+  assert res["m"]["auc5_cd"]["estimate"] == pytest.approx(float(auc[0]))
+  assert res["m"]["cindex"]["estimate"] == pytest.approx(metrics.concordance_index(d, e, r))
+  m = res["m"]["auc5_binary"]
+  assert m["ci_low"] <= m["estimate"] <= m["ci_high"] and 0 <= m["p_vs_g"] <= 1
+  assert np.isnan(res["g"]["auc5_binary"]["p_vs_g"])
