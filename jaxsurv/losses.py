@@ -254,6 +254,18 @@ def _cox_nll_1d(risk: Array, duration: Array, event: Array, mask: Array,
   return total, jnp.sum(d).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("efron",))
+def _cox_nll(risk: Array, duration: Array, event: Array, mask: Array,
+             efron: bool) -> tuple[Array, Array]:
+  """``_cox_nll_1d`` of each outcome column, compiled as one program (an
+  eager call runs one compiled program, not each operation; inside a caller's
+  ``jit`` it is inlined)."""
+  fn = functools.partial(_cox_nll_1d, efron=efron)
+  if risk.ndim == 2:
+    fn = jax.vmap(fn, in_axes=1)
+  return fn(risk, duration, event, mask)
+
+
 def cox_ph_loss(risk, duration, event, *, ties: str = "breslow",
                 mask=None, reduction: str = "mean", check: bool = False) -> Array:
   """Negative log Cox partial likelihood with exact Breslow or Efron ties.
@@ -377,10 +389,7 @@ def cox_ph_loss(risk, duration, event, *, ties: str = "breslow",
   if check:
     _device_checks(risk, duration, event, mask, bad_duration)
   risk, duration, event, mask = map(_gather_batch, (risk, duration, event, mask))
-  fn = functools.partial(_cox_nll_1d, efron=(ties == "efron"))
-  if risk.ndim == 2:
-    fn = jax.vmap(fn, in_axes=1)
-  total, n_events = fn(risk, duration, event, mask)
+  total, n_events = _cox_nll(risk, duration, event, mask, efron=(ties == "efron"))
   if reduction == "sum":
     return total
   return total / jnp.maximum(n_events, 1.0)
