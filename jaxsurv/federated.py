@@ -328,7 +328,7 @@ def _client_site(config, folder: str, name: str) -> SiteData:
   return _SITE_CACHE[key]
 
 
-def _node_site(config, context, site_dirs: Sequence[tuple[str, str]] | None):
+def _node_site(context, site_dirs: Sequence[tuple[str, str]] | None) -> tuple[str, str]:
   """The (name, folder) of the node's site: ``--node-config "site=NAME
   data-path=FOLDER"`` in a deployment, the partition's folder in simulation."""
   nc = dict(context.node_config)
@@ -340,60 +340,150 @@ def _node_site(config, context, site_dirs: Sequence[tuple[str, str]] | None):
   return site_dirs[int(nc["partition-id"])]
 
 
+def config_hash(config) -> str:
+  """A short hash of the whole config (the server refuses a site whose
+  SuperNode runs another config or jaxsurv version)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def client_app(config, site_dirs: Sequence[tuple[str, str]] | None = None):
   """The Flower ``ClientApp`` of ``config`` (module docstring).
 
+  Handles three message types: ``query`` (the check before round 1: the
+  site's folder is read and checked against the config, and the reply gives
+  its name, config hash and patient counts), ``train`` and ``evaluate``.
+  Every reply carries a ``ConfigRecord`` ``"site"`` with the site's name.
+
   Args:
-    config: the run config.
+    config: the run config, or a function of the run's ``context.run_config``
+      returning it (a deployment: ``jaxsurv.federated_app``).
     site_dirs: ``[(name, folder)]`` by partition id (simulation), or None
       (deployment: the node config names the folder).
   """
-  from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict  # pylint: disable=C0415
+  from flwr.app import (  # pylint: disable=import-outside-toplevel
+      ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict)
   from flwr.clientapp import ClientApp  # pylint: disable=import-outside-toplevel
 
   app = ClientApp()
-  names = [n for n, _ in site_dirs] if site_dirs else list(config.federated.get("sites", ()))
 
-  def _index(name: str) -> int:
-    return names.index(name) if name in names else -1
+  def _setup(context):
+    cfg = config(context.run_config) if callable(config) else config
+    name, folder = _node_site(context, site_dirs)
+    return cfg, name, folder
+
+  @app.query()
+  def query(msg: Message, context) -> Message:
+    cfg, name, folder = _setup(context)
+    data = _client_site(cfg, folder, name)  # Checks the site (UserError naming it).
+    tr = data.parts["train"]
+    rec = MetricRecord({"n_train": data.n_train, "events_train": int(np.sum(tr["event"])),
+                        "n_val": len(data.parts["val"]), "n_test": len(data.parts["test"])})
+    return Message(RecordDict({"metrics": rec, "site": ConfigRecord(
+        {"name": name, "config-hash": config_hash(cfg)})}), reply_to=msg)
 
   @app.train()
   def train(msg: Message, context) -> Message:
-    name, folder = _node_site(config, context, site_dirs)
-    data = _client_site(config, folder, name)
-    cfg = msg.content["config"]
-    round_ = int(cfg["server-round"]) + int(cfg.get("round-offset", 0))
-    like = template_params(config)
+    cfg, name, folder = _setup(context)
+    data = _client_site(cfg, folder, name)
+    rc = msg.content["config"]
+    round_ = int(rc["server-round"]) + int(rc.get("round-offset", 0))
+    like = template_params(cfg)
     params = unflatten(msg.content["arrays"].to_numpy_ndarrays(), like)
     t0 = time.time()
-    new, meas = local_update(config, data, params, round_=round_)
-    metrics_ = MetricRecord({"num-examples": data.n_train, "site-index": _index(name),
-                             "train_loss": meas["train_loss"],
+    new, meas = local_update(cfg, data, params, round_=round_)
+    metrics_ = MetricRecord({"num-examples": data.n_train, "train_loss": meas["train_loss"],
                              "seconds": time.time() - t0})
-    return Message(RecordDict({"arrays": ArrayRecord(flatten(new)), "metrics": metrics_}),
-                   reply_to=msg)
+    return Message(RecordDict({"arrays": ArrayRecord(flatten(new)), "metrics": metrics_,
+                               "site": ConfigRecord({"name": name})}), reply_to=msg)
 
   @app.evaluate()
   def evaluate(msg: Message, context) -> Message:
-    name, folder = _node_site(config, context, site_dirs)
-    data = _client_site(config, folder, name)
-    params = unflatten(msg.content["arrays"].to_numpy_ndarrays(), template_params(config))
-    m = site_metrics(config, data, params, "val")
-    rec = MetricRecord({"num-examples": len(data.parts["val"]), "site-index": _index(name),
+    cfg, name, folder = _setup(context)
+    data = _client_site(cfg, folder, name)
+    params = unflatten(msg.content["arrays"].to_numpy_ndarrays(), template_params(cfg))
+    m = site_metrics(cfg, data, params, "val")
+    rec = MetricRecord({"num-examples": len(data.parts["val"]),
                         "val_cindex": m["cindex"], "val_auc5": m["auc5"]})
-    return Message(RecordDict({"metrics": rec}), reply_to=msg)
+    return Message(RecordDict({"metrics": rec, "site": ConfigRecord({"name": name})}),
+                   reply_to=msg)
 
   return app
 
 
-def _per_site(records, names: Sequence[str], keys: Sequence[str], n_key: str) -> dict:
+def _reason(reason: str) -> str:
+  """A ClientApp's error text without Flower's ``<class '...'>:<'...'>`` wrapping."""
+  import re  # pylint: disable=import-outside-toplevel
+  m = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason, flags=re.S)
+  if m is None:
+    return reason
+  return m.group(2) if m.group(1).endswith("UserError") else f"{m.group(1)}: {m.group(2)}"
+
+
+def _site_name(content) -> str:
+  return str(content.config_records["site"]["name"])
+
+
+def preflight(grid, config, site_names: Sequence[str], *, timeout: float) -> list[dict]:
+  """The check before round 1: waits for one SuperNode per site and asks each
+  to read and check its site (``query``).
+
+  Returns:
+    Per site (in ``site_names`` order): name, training patients and events,
+    validation and test patients.
+
+  Raises:
+    UserError: a site's check failed (its message names the site), a site
+      is missing, reported twice or unknown, runs another config, or the
+      SuperNodes did not connect within ``timeout`` seconds.
+  """
+  from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # pylint: disable=C0415
+  names = list(site_names)
+  t0 = time.time()
+  nodes = list(grid.get_node_ids())
+  while len(nodes) < len(names):
+    if time.time() - t0 > timeout:
+      raise UserError(f"{len(nodes)} of {len(names)} SuperNodes (sites {names}) connected "
+                      f"within {timeout:.0f} s")
+    time.sleep(1.0)
+    nodes = list(grid.get_node_ids())
+  want = config_hash(config)
+  msgs = [Message(RecordDict({"config": ConfigRecord({"config-hash": want})}), dst_node_id=n,
+                  message_type=MessageType.QUERY) for n in nodes]
+  replies = list(grid.send_and_receive(msgs, timeout=timeout))
+  errors = [_reason(m.error.reason) for m in replies if m.has_error()]
+  if errors:
+    raise UserError("a site failed its check before round 1: " + "; ".join(errors))
+  if len(replies) < len(nodes):
+    raise UserError(f"only {len(replies)} of {len(nodes)} SuperNodes answered the check "
+                    f"before round 1 within {timeout:.0f} s")
+  got: dict[str, dict] = {}
+  for m in replies:
+    name = _site_name(m.content)
+    if name in got:
+      raise UserError(f"two SuperNodes report site {name!r} (each site runs one SuperNode)")
+    if name not in names:
+      raise UserError(f"a SuperNode reports site {name!r}, not one of the run's sites {names}")
+    if str(m.content.config_records["site"]["config-hash"]) != want:
+      raise UserError(f"site {name!r} runs another config (or jaxsurv version) than the "
+                      "server: start its SuperNode from the same jaxsurv checkout")
+    rec = next(iter(m.content.metric_records.values()))
+    got[name] = {"site": name, **{k: int(v) for k, v in rec.items()}}
+  missing = [n for n in names if n not in got]
+  if missing:
+    raise UserError(f"no SuperNode reports sites {missing}")
+  return [got[n] for n in names]
+
+
+def _per_site(records, keys: Sequence[str], n_key: str) -> dict:
   """Per-site metrics of a round's replies: ``{f"{site}/{key}": value}``, the
   reply's ``num-examples`` as ``f"{site}/{n_key}"``."""
   out = {}
   for rd in records:
     m = next(iter(rd.metric_records.values()))
-    i = int(m["site-index"])
-    site = names[i] if 0 <= i < len(names) else f"site{i}"
+    site = _site_name(rd)
     for k in keys:
       out[f"{site}/{k}"] = float(m[k])
     out[f"{site}/{n_key}"] = float(m["num-examples"])
@@ -433,8 +523,10 @@ def load_round(workdir: pathlib.Path, like, round_: int | None = None):
     mngr.close()
 
 
-def run_server(grid, config, workdir: str | os.PathLike, site_names: Sequence[str]) -> None:
-  """The ServerApp's main: the strategy's rounds over ``grid``, checkpointed.
+def run_server(grid, config, workdir: str | os.PathLike,
+               site_names: Sequence[str]) -> list[dict]:
+  """The ServerApp's main: the check before round 1 (``preflight``), then
+  the strategy's rounds over ``grid``, checkpointed.
 
   Writes ``workdir/rounds/<r>`` (Orbax: the global parameters and a JSON
   record of every round so far: per-site training loss, local seconds and
@@ -442,8 +534,12 @@ def run_server(grid, config, workdir: str | os.PathLike, site_names: Sequence[st
   sent each way) after each round; resumes after the last one found, and
   returns at once when every round is done.
 
+  Returns:
+    The per-round records (as in each checkpoint's ``meta["history"]``).
+
   Raises:
-    UserError: a site's reply is an error (its message names the site).
+    UserError: as ``preflight``; a site's reply is an error (its message
+      names the site); a resumed run whose sites' patient counts changed.
   """
   from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # pylint: disable=C0415
   from flwr.serverapp import strategy as fl_strategy  # pylint: disable=import-outside-toplevel
@@ -460,7 +556,14 @@ def run_server(grid, config, workdir: str | os.PathLike, site_names: Sequence[st
     history = meta["history"]
     log.info("federated: resuming after round %d of %d", offset, f.rounds)
   if offset >= f.rounds:
-    return
+    return history
+  timeout = float(f.get("timeout_s", 3600))
+  site_info = preflight(grid, config, names, timeout=timeout)
+  for row in site_info:
+    log.info("site %s", row)
+  if done is not None and done[2].get("sites") not in (None, site_info):
+    raise UserError(f"the sites' data changed since round {offset} (then {done[2]['sites']}, "
+                    f"now {site_info}): resume with the same data, or use a new workdir")
   base = fl_strategy.FedProx if f.strategy == "fedprox" else fl_strategy.FedAvg
   sent = int(sum(a.nbytes for a in flatten(params)))
 
@@ -468,7 +571,7 @@ def run_server(grid, config, workdir: str | os.PathLike, site_names: Sequence[st
     round_record: dict = {}
 
     def _check(self, replies, what, server_round):
-      errors = [m.error.reason for m in replies if m.has_error()]
+      errors = [_reason(m.error.reason) for m in replies if m.has_error()]
       if errors:
         raise UserError(f"a site failed to {what} in round {server_round + offset}: "
                         + "; ".join(errors))
@@ -480,13 +583,13 @@ def run_server(grid, config, workdir: str | os.PathLike, site_names: Sequence[st
           "round": server_round + offset, "bytes_down": sent * len(replies),
           "bytes_up": int(sum(sum(np.asarray(a).nbytes for a in
                                   m.content["arrays"].to_numpy_ndarrays()) for m in replies)),
-          **_per_site([m.content for m in replies], names, ("train_loss", "seconds"), "n_train")}
+          **_per_site([m.content for m in replies], ("train_loss", "seconds"), "n_train")}
       return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round, replies):
       replies = list(replies)
       self._check(replies, "evaluate", server_round)
-      self.round_record.update(_per_site([m.content for m in replies], names,
+      self.round_record.update(_per_site([m.content for m in replies],
                                          ("val_cindex", "val_auc5"), "n_val"))
       return super().aggregate_evaluate(server_round, replies)
 
@@ -505,8 +608,8 @@ def run_server(grid, config, workdir: str | os.PathLike, site_names: Sequence[st
     p = unflatten(arrays.to_numpy_ndarrays(), like)
     r = server_round + offset
     mngr.save(r, args=ocp.args.Composite(params=ocp.args.StandardSave(p),
-                                         meta=ocp.args.JsonSave({"round": r,
-                                                                 "history": history})))
+                                         meta=ocp.args.JsonSave({"round": r, "history": history,
+                                                                 "sites": site_info})))
     mngr.wait_until_finished()
     log.info("federated round %d/%d: %s", r, f.rounds,
              {k: round(v, 4) for k, v in rec.items() if "val_cindex" in k})
@@ -516,9 +619,10 @@ def run_server(grid, config, workdir: str | os.PathLike, site_names: Sequence[st
     strategy.start(grid=grid, initial_arrays=ArrayRecord(flatten(params)),
                    num_rounds=int(f.rounds) - offset,
                    train_config=ConfigRecord({"round-offset": offset}),
-                   evaluate_fn=checkpoint, timeout=float(f.get("timeout_s", 3600)))
+                   evaluate_fn=checkpoint, timeout=timeout)
   finally:
     mngr.close()
+  return history
 
 
 def server_app(config, workdir: str | os.PathLike, site_names: Sequence[str]):

@@ -37,3 +37,28 @@ def tiny_mmnn_config(**overrides):
   c.progress_bar = False
   c.update_from_flattened_dict(overrides)
   return c
+
+
+def tiny_site(name, n, seed, *, events=True, dim=None, drop=None):
+  """A synthetic ``jaxsurv.data.sites.Site`` of ``n`` patients (half train,
+  a quarter val, a quarter test), columns age, size_band, grade; ``dim``:
+  bags of 4 tiles; ``drop``: a column left out."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import pandas as pd  # pylint: disable=import-outside-toplevel
+  from jaxsurv.data import sites as sites_lib  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 3))
+  t = rng.exponential(1000 * np.exp(-0.7 * x[:, 0]))
+  e = (rng.uniform(size=n) < 0.7).astype(int) if events else np.zeros(n, int)
+  table = pd.DataFrame({"patient_id": [f"{name}-{i}" for i in range(n)], "duration": t,
+                        "event": e, "age": x[:, 0], "size_band": x[:, 1], "grade": x[:, 2]})
+  split = np.array(["train"] * n, object)
+  split[-(n // 4):] = "test"
+  split[-(n // 2):-(n // 4)] = "val"
+  table.insert(1, "split", split)
+  if drop:
+    table = table.drop(columns=[drop])
+  bags = None
+  if dim:
+    bags = (rng.normal(size=(n, 4, dim)).astype(np.float32), np.ones((n, 4), bool))
+  return sites_lib.Site(name, table, bags)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
 
 from configs import sarcnet as sarcnet_config
@@ -22,6 +21,8 @@ from jaxsurv.errors import UserError
 from jaxsurv.losses import cox_ph_loss
 from jaxsurv.models.sarcnet import Chowder, SarcNet
 from jaxsurv.trainer import optim
+
+from conftest import tiny_site as _site
 
 
 def test_chowder_takes_top_and_bottom_k_of_valid_tiles():
@@ -88,25 +89,6 @@ def test_fedprox_term_pulls_towards_the_initial_parameters():
   np.testing.assert_allclose(upd["a"], [0.5 + 0.1 * 2.0, 0.5 + 0.1 * 2.0])
 
 
-def _site(name, n, seed, *, events=True, dim=None, drop=None):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, 3))
-  t = rng.exponential(1000 * np.exp(-0.7 * x[:, 0]))
-  e = (rng.uniform(size=n) < 0.7).astype(int) if events else np.zeros(n, int)
-  table = pd.DataFrame({"patient_id": [f"{name}-{i}" for i in range(n)], "duration": t,
-                        "event": e, "age": x[:, 0], "size_band": x[:, 1], "grade": x[:, 2]})
-  split = np.array(["train"] * n, object)
-  split[-(n // 4):] = "test"
-  split[-(n // 2):-(n // 4)] = "val"
-  table.insert(1, "split", split)
-  if drop:
-    table = table.drop(columns=[drop])
-  bags = None
-  if dim:
-    bags = (rng.normal(size=(n, 4, dim)).astype(np.float32), np.ones((n, 4), bool))
-  return sites_lib.Site(name, table, bags)
-
-
 def test_site_checks_name_the_site():
   cols = ("age", "size_band", "grade")
   with pytest.raises(UserError, match="site 'b': no event in its training part"):
@@ -151,7 +133,7 @@ class _Grid:
     replies = []
     for m in messages:
       cfg = m.content.get("config")
-      if self.fail and cfg is not None and int(cfg["server-round"]) == self.fail:
+      if self.fail and cfg is not None and cfg.get("server-round") == self.fail:
         raise KeyboardInterrupt("killed")
       ctx = Context(run_id=1, node_id=m.metadata.dst_node_id,
                     node_config={"partition-id": m.metadata.dst_node_id - 1,
