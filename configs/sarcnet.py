@@ -100,6 +100,9 @@ def get_config(arg=None):
   c.federated.rounds = 10 if a["local"] else 30
   c.federated.local_epochs = 2
   c.federated.timeout_s = 3600.0
+  # Per-round validation C-index and 5-year AUC at every site (rounds.csv/png).
+  # In a deployment each is one more ClientApp process per site and round.
+  c.federated.evaluate = True
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"

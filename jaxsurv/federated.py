@@ -530,8 +530,9 @@ def run_server(grid, config, workdir: str | os.PathLike,
 
   Writes ``workdir/rounds/<r>`` (Orbax: the global parameters and a JSON
   record of every round so far: per-site training loss, local seconds and
-  training patients, validation C-index and 5-year AUC, the payload bytes
-  sent each way) after each round; resumes after the last one found, and
+  training patients, validation C-index and 5-year AUC unless
+  ``config.federated.evaluate`` is False, the payload bytes sent each way)
+  after each round; resumes after the last one found, and
   returns at once when every round is done.
 
   Returns:
@@ -593,7 +594,8 @@ def run_server(grid, config, workdir: str | os.PathLike,
                                          ("val_cindex", "val_auc5"), "n_val"))
       return super().aggregate_evaluate(server_round, replies)
 
-  kw = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=len(names),
+  kw = dict(fraction_train=1.0, fraction_evaluate=1.0 if f.get("evaluate", True) else 0.0,
+            min_train_nodes=len(names),
             min_evaluate_nodes=len(names), min_available_nodes=len(names))
   if f.strategy == "fedprox":
     kw["proximal_mu"] = float(f.proximal_mu)

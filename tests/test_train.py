@@ -18,15 +18,17 @@ from conftest import REPO, tiny_mmnn_config
 
 
 def test_augment_identity_and_flip_are_exact():
+  # Jitted as in the train step (one compile each, not op by op).
+  apply_affine, augment_batch = jax.jit(augment.apply_affine), jax.jit(augment.augment_batch)
   vol = jax.random.normal(jax.random.key(0), (6, 7, 8, 2))
-  np.testing.assert_allclose(augment.apply_affine(vol, jnp.eye(3)), vol, atol=1e-5)
-  flipped = augment.apply_affine(vol, jnp.diag(jnp.array([1.0, -1.0, 1.0])))
+  np.testing.assert_allclose(apply_affine(vol, jnp.eye(3)), vol, atol=1e-5)
+  flipped = apply_affine(vol, jnp.diag(jnp.array([1.0, -1.0, 1.0])))
   np.testing.assert_allclose(flipped, vol[:, ::-1], atol=1e-5)
-  out = augment.augment_batch(jax.random.key(1), jnp.stack([vol, vol]))
+  out = augment_batch(jax.random.key(1), jnp.stack([vol, vol]))
   assert out.shape == (2, 6, 7, 8, 2)
   # Both channels get the same spatial map: channel difference maps alike.
   same = jnp.stack([vol[..., 0], vol[..., 0]], -1)
-  out2 = augment.augment_batch(jax.random.key(1), same[None])
+  out2 = augment_batch(jax.random.key(1), same[None])
   np.testing.assert_allclose(out2[..., 0], out2[..., 1], atol=1e-6)
 
 
