@@ -523,8 +523,8 @@ def load_round(workdir: pathlib.Path, like, round_: int | None = None):
     mngr.close()
 
 
-def run_server(grid, config, workdir: str | os.PathLike,
-               site_names: Sequence[str]) -> list[dict]:
+def run_server(grid, config, workdir: str | os.PathLike, site_names: Sequence[str], *,
+               on_checked=None) -> list[dict]:
   """The ServerApp's main: the check before round 1 (``preflight``), then
   the strategy's rounds over ``grid``, checkpointed.
 
@@ -534,6 +534,10 @@ def run_server(grid, config, workdir: str | os.PathLike,
   ``config.federated.evaluate`` is False, the payload bytes sent each way)
   after each round; resumes after the last one found, and
   returns at once when every round is done.
+
+  Args:
+    on_checked: called after the check before round 1 and before anything
+      is written (e.g. ``runs.open_run`` of the workdir).
 
   Returns:
     The per-round records (as in each checkpoint's ``meta["history"]``).
@@ -557,6 +561,8 @@ def run_server(grid, config, workdir: str | os.PathLike,
     history = meta["history"]
     log.info("federated: resuming after round %d of %d", offset, f.rounds)
   if offset >= f.rounds:
+    if on_checked is not None:
+      on_checked()  # A finished run: nothing to train, but still the same config.
     return history
   timeout = float(f.get("timeout_s", 3600))
   site_info = preflight(grid, config, names, timeout=timeout)
@@ -565,6 +571,8 @@ def run_server(grid, config, workdir: str | os.PathLike,
   if done is not None and done[2].get("sites") not in (None, site_info):
     raise UserError(f"the sites' data changed since round {offset} (then {done[2]['sites']}, "
                     f"now {site_info}): resume with the same data, or use a new workdir")
+  if on_checked is not None:
+    on_checked()
   base = fl_strategy.FedProx if f.strategy == "fedprox" else fl_strategy.FedAvg
   sent = int(sum(a.nbytes for a in flatten(params)))
 

@@ -129,18 +129,21 @@ def _client_config(run_config):
 
 
 def server_main(grid, context) -> list[dict]:
-  """The deployment's ServerApp: checks the run config and the workdir, then
-  ``federated.run_server`` (the check before round 1, the rounds, a
+  """The deployment's ServerApp: checks the run config, then
+  ``federated.run_server`` (the check of every site before round 1, then the
+  workdir is created or refused by ``runs.open_run``, the rounds, a
   checkpoint per round), then ``rounds.csv`` and ``rounds.png``."""
   from jaxsurv import runs, sarcnet  # pylint: disable=import-outside-toplevel
   _process_setup()
   logging.getLogger("jaxsurv").setLevel(logging.INFO)
   config, workdir, names = run_settings(context.run_config)
-  runs.open_run(workdir, runs.config_to_dict(config), "flower-deployment:" + ",".join(names))
   log.info("federated deployment: %d rounds x %d local epochs over sites %s (%s) into %s",
            config.federated.rounds, config.federated.local_epochs, names,
            config.federated.strategy, workdir)
-  history = federated.run_server(grid, config, workdir, names)
+  # The workdir is created (or a run of another config refused) only after
+  # every site passed its check.
+  history = federated.run_server(grid, config, workdir, names, on_checked=lambda: runs.open_run(
+      workdir, runs.config_to_dict(config), "flower-deployment:" + ",".join(names)))
   sarcnet.write_rounds(history, workdir, names)
   return history
 
@@ -151,12 +154,16 @@ def _server_app():
 
   @app.main()
   def main(grid, context) -> None:
+    from flwr.common.logger import log as flwr_log  # pylint: disable=C0415
     try:
       server_main(grid, context)
     except UserError as e:
-      # One line in the run's log instead of a traceback; the run ends failed.
-      log.error("jaxsurv: error: %s", e)
-      raise SystemExit(cli.EXIT_USER_ERROR) from None
+      # One clear line in the run's log (what `flwr run --stream` and `flwr
+      # log` show); then Flower's own failure handling: the run ends failed
+      # with this message as its details (`flwr ls`), after a short
+      # traceback of its runtime's frames only.
+      flwr_log(logging.ERROR, "jaxsurv: error: %s", e)
+      raise UserError(str(e)) from None
 
   return app
 
