@@ -44,6 +44,26 @@ def test_chowder_takes_top_and_bottom_k_of_valid_tiles():
   np.testing.assert_array_equal(np.asarray(s)[~mask], 0.0)
 
 
+def test_chowder_gives_2k_extremes_whatever_the_tile_slots():
+  # Regression: with fewer slots than k the width (and the MLP's kernel)
+  # followed the batch's padding, so the server's template (2 slots) did not
+  # fit a site's bags.
+  rng = np.random.default_rng(2)
+  m = Chowder(k=5, hidden=(8,), fc_dim=0)
+  x2, x9 = rng.normal(size=(2, 2, 4)), rng.normal(size=(2, 9, 4))
+  v2 = m.init(jax.random.key(0), x2, np.ones((2, 2), bool), train=False)
+  v9 = m.init(jax.random.key(0), x9, np.ones((2, 9), bool), train=False)
+  assert jax.tree.map(np.shape, v2) == jax.tree.map(np.shape, v9)
+  assert v2["params"]["mlp_0"]["kernel"].shape == (10, 8)
+  # Two valid tiles in 2 slots or in 9 (7 masked): the same embedding.
+  pad = np.concatenate([x2, rng.normal(size=(2, 7, 4))], 1)
+  mask = np.zeros((2, 9), bool)
+  mask[:, :2] = True
+  z2, _ = m.apply(v2, x2, np.ones((2, 2), bool), train=False)
+  z9, _ = m.apply(v2, pad, mask, train=False)
+  np.testing.assert_allclose(z2, z9, rtol=1e-6)
+
+
 @pytest.mark.parametrize("mil", ["attention", "chowder"])
 def test_sarcnet_ignores_the_tiles_of_a_patient_without_a_slide(mil):
   rng = np.random.default_rng(1)

@@ -52,8 +52,9 @@ class Chowder(nn.Module):
 
   ``Dense(1)`` tile scores (after an optional ``Dense(fc_dim) -> ReLU``
   tile embedding), the ``k`` largest and ``k`` smallest scores among the
-  valid tiles (Courtiol et al. 2018 §2.2, "MinMax layer"), then ``Dense ->
-  ReLU`` per width in ``hidden``. A bag with fewer than ``k`` valid tiles
+  valid tiles (Courtiol et al. 2018 §2.2, "MinMax layer"; always ``2k``
+  values, however many tile slots the batch has), then ``Dense -> ReLU``
+  per width in ``hidden``. A bag with fewer than ``k`` valid tiles
   repeats its extreme valid score in the empty slots; a bag without any
   valid tile gets all-zero extremes (the caller treats it as missing).
 
@@ -86,10 +87,16 @@ class Chowder(nn.Module):
     if self.fc_dim:
       h = nn.relu(nn.Dense(self.fc_dim, kernel_init=xavier_normal, name="fc")(h))
     s = nn.Dense(1, kernel_init=xavier_normal, name="score")(h)[..., 0]
-    k = min(self.k, x.shape[1])
+    k = self.k
+    # Always 2k extremes, whatever the number of tile slots (the parameters'
+    # shapes must not depend on the padding): fewer slots than k are padded
+    # with invalid ones.
+    pad = max(0, k - x.shape[1])
+    s_k = jnp.pad(s, ((0, 0), (0, pad)))
+    m_k = jnp.pad(mask, ((0, 0), (0, pad)))
     big = jnp.finfo(jnp.float32).max
-    top = jax.lax.top_k(jnp.where(mask, s, -big), k)[0]
-    bottom = -jax.lax.top_k(jnp.where(mask, -s, -big), k)[0]
+    top = jax.lax.top_k(jnp.where(m_k, s_k, -big), k)[0]
+    bottom = -jax.lax.top_k(jnp.where(m_k, -s_k, -big), k)[0]
     n_valid = jnp.sum(mask, axis=1, keepdims=True)
     slot = jnp.arange(k)[None, :]
     # Slots beyond the valid tiles repeat the last valid extreme (0 if none).
