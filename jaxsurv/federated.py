@@ -341,12 +341,10 @@ def _node_site(context, site_dirs: Sequence[tuple[str, str]] | None) -> tuple[st
 
 
 def config_hash(config) -> str:
-  """A short hash of the whole config (the server refuses a site whose
-  SuperNode runs another config or jaxsurv version)."""
-  import hashlib  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  """A short ``runs.fingerprint`` of the whole config (the server refuses a
+  site whose SuperNode runs another config or jaxsurv version)."""
+  from jaxsurv import runs  # pylint: disable=import-outside-toplevel
+  return runs.fingerprint(runs.config_to_dict(config))[:16]
 
 
 def client_app(config, site_dirs: Sequence[tuple[str, str]] | None = None):
