@@ -1,7 +1,7 @@
-"""Conv3D's depth-slice implementation against the plain 3D convolution.
+"""Conv3D's depth-slice and im2col implementations against the plain 3D convolution.
 
-Forward values and gradients (input and kernel) of ``conv3d_slices`` must
-match ``lax.conv_general_dilated``; ``Conv3D`` must have ``nn.Conv``'s
+Forward values and gradients (input and kernel) of ``conv3d_slices`` and
+``conv3d_cols`` must match ``lax.conv_general_dilated``; ``Conv3D`` must have ``nn.Conv``'s
 parameters; DenseNet3D and the whole MMNN train step must give the same
 outputs, gradients and updated parameters with either implementation.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from jaxsurv import tasks
 from jaxsurv.models import MMNN, registry
-from jaxsurv.models.conv import Conv3D, choose_impl, conv3d_slices
+from jaxsurv.models.conv import Conv3D, choose_impl, conv3d_cols, conv3d_slices
 from jaxsurv.models.densenet3d import DenseNet3D
 from jaxsurv.trainer import step as step_lib
 
@@ -46,6 +46,32 @@ def test_slices_equal_the_plain_convolution_and_its_gradients(kernel, strides, p
   g_sliced = jax.grad(loss(sliced), argnums=(0, 1))(x, w)
   for a, b in zip(g_sliced, g_native):
     close(a, b)
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 1, 1, 1, 3), (3, 3, 3), (1, 1, 1), ((1, 1),) * 3),  # only the centre tap is live
+    ((2, 2, 2, 2, 3), (3, 3, 3), (1, 1, 1), ((1, 1),) * 3),
+    ((2, 2, 1, 3, 3), (3, 2, 3), (1, 1, 2), ((1, 1), (0, 1), (2, 0))),
+    ((1, 3, 3, 3, 2), (3, 3, 3), (2, 2, 2), ((1, 1),) * 3),  # a strided stem on a tiny grid
+])
+def test_cols_equal_the_plain_convolution_and_its_gradients(shape, kernel, strides, padding):
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (*kernel, shape[-1], 4))
+  native = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,
+                                                     dimension_numbers=DN)
+  cols = lambda x, w: conv3d_cols(x, w, strides, padding)
+  ref = native(x, w)
+  assert cols(x, w).shape == ref.shape
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                  atol=2e-6 * float(np.abs(b).max()))
+  close(cols(x, w), ref)
+  r = jax.random.normal(jax.random.key(2), ref.shape)
+  grads = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(r * f(x, w)), argnums=(0, 1)))(x, w)
+  for a, b in zip(grads(cols), grads(native)):
+    close(a, b)
+  if shape[1:4] == (1, 1, 1):  # taps that meet only padding get an exactly zero gradient
+    g = np.asarray(grads(cols)[1])
+    assert np.all(np.delete(g.reshape(27, -1), 13, axis=0) == 0)
 
 
 def test_conv3d_module_has_nn_conv_parameters_and_values():
@@ -82,6 +108,14 @@ def test_auto_picks_slices_on_cpu_only():
     choose_impl("dot", (1, 1, 1), (1, 1, 1), backend="cpu", padding=padded)
   assert choose_impl("auto", (7, 7, 7), (2, 2, 2), backend="cpu") == "slices"
   assert choose_impl("native", (3, 3, 3), (1, 1, 1), backend="cpu") == "native"
+  # Given the input size: "cols" up to 2^3 output voxels on CPU, never on GPU.
+  same = ((1, 1),) * 3
+  for n, want in ((1, "cols"), (2, "cols"), (3, "slices"), (8, "slices")):
+    assert choose_impl("auto", (3, 3, 3), (1, 1, 1), backend="cpu", padding=same,
+                       spatial=(n, n, n)) == want
+  assert choose_impl("auto", (3, 3, 3), (1, 1, 1), backend="gpu", padding=same,
+                     spatial=(1, 1, 1)) == "native"
+  assert choose_impl("auto", (1, 1, 1), (1, 1, 1), backend="cpu", spatial=(1, 1, 1)) == "dot"
 
 
 def _densenet(impl):  # "slices": 1^3 convolutions stay native

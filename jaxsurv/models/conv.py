@@ -20,23 +20,39 @@ so checkpoints are interchangeable), in one of two ways:
 * ``"dot"``: an unpadded 1^3 kernel with stride 1 as a matrix product over the
   channels (``einsum``), which XLA's CPU backend runs about twice as fast as
   the equivalent 3D convolution;
+* ``"cols"``: im2col over the kernel taps that reach at least one input
+  voxel (a tap that only ever meets zero padding adds exactly zero and is
+  left out), then one matrix product ``[batch * out_voxels, taps * in] x
+  [taps * in, out]``. For the tiny grids at the end of a DenseNet (2^3 and
+  1^3 voxels: at 1^3 with "SAME" padding only the centre tap remains) it
+  is 2-3x faster on XLA's CPU backend than the other two;
 * ``"auto"`` (default): on the CPU backend ``"dot"`` for unpadded 1^3
-  kernels with stride 1 and ``"slices"`` for the others; elsewhere
-  ``"native"``.
+  kernels with stride 1, ``"cols"`` when the output has at most
+  ``COLS_MAX_VOXELS`` voxels per sample, ``"slices"`` for the others;
+  elsewhere ``"native"``.
 
-Both give the same outputs and gradients up to float32 summation order
-(``tests/test_models.py``).
+All give the same outputs and gradients up to float32 summation order
+(``tests/test_conv.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-IMPLS = ("auto", "native", "slices", "dot")
+IMPLS = ("auto", "native", "slices", "dot", "cols")
+
+# "auto" on CPU uses "cols" up to this many output voxels per sample (2^3):
+# measured on a 2-core CPU, forward + gradients of the DenseNet-121 3^3
+# convolution (128 -> 32 channels, batch 2): at 2^3 0.5 ms as "cols" against
+# 1.1 ms as "slices", at 1^3 0.16 against 0.50 ms, at 4^3 level (1.3 ms).
+COLS_MAX_VOXELS = 8
 
 
 def _pairs(padding, kernel_size) -> tuple:
@@ -50,11 +66,18 @@ def _pairs(padding, kernel_size) -> tuple:
   return pads
 
 
+def _out_size(n: int, k: int, s: int, p0: int, p1: int) -> int:
+  return (n + p0 + p1 - k) // s + 1
+
+
 def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
                 backend: str | None = None,
-                padding: Sequence[Sequence[int]] = ((0, 0),) * 3) -> str:
-  """``"native"``, ``"slices"`` or ``"dot"`` for a setting (``impl="auto"``:
-  by backend; ``"dot"`` only for an unpadded 1^3 kernel with stride 1).
+                padding: Sequence[Sequence[int]] = ((0, 0),) * 3,
+                spatial: Sequence[int] | None = None) -> str:
+  """``"native"``, ``"slices"``, ``"dot"`` or ``"cols"`` for a setting
+  (``impl="auto"``: by backend and, given the input's ``spatial`` size
+  ``(depth, height, width)`` in voxels, by the output's size; ``"dot"`` only
+  for an unpadded 1^3 kernel with stride 1).
 
   Raises:
     ValueError: unknown ``impl``, or ``"dot"`` for another kernel, stride or
@@ -72,7 +95,55 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
     return impl
   if (backend or jax.default_backend()) != "cpu":
     return "native"
-  return "dot" if pointwise else "slices"
+  if pointwise:
+    return "dot"
+  if spatial is not None:
+    out = math.prod(_out_size(n, k, s, *p)
+                    for n, k, s, p in zip(spatial, kernel_size, strides, padding))
+    if out <= COLS_MAX_VOXELS:
+      return "cols"
+  return "slices"
+
+
+def _live_taps(n: int, k: int, s: int, p0: int, p1: int) -> list[int]:
+  """Kernel taps along one axis that meet at least one real (unpadded) input."""
+  m = _out_size(n, k, s, p0, p1)
+  return [t for t in range(k) if any(0 <= q * s + t - p0 < n for q in range(m))]
+
+
+def conv3d_cols(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                padding: Sequence[Sequence[int]]) -> jax.Array:
+  """3D convolution as im2col over the live taps and one matrix product.
+
+  Args:
+    x: ``[batch, depth, height, width, in]``.
+    kernel: ``[kd, kh, kw, in, out]``.
+    strides: ``(sd, sh, sw)``.
+    padding: ``((d0, d1), (h0, h1), (w0, w1))``.
+
+  Returns:
+    ``[batch, depth_out, height_out, width_out, out]``, as
+    ``lax.conv_general_dilated`` with the same arguments. Taps that meet only
+    padding are left out of the sum (they add exactly zero; their kernel
+    gradient is exactly zero either way).
+  """
+  b, *spatial, c = x.shape
+  o = kernel.shape[-1]
+  outs = [_out_size(n, k, s, *p) for n, k, s, p in zip(spatial, kernel.shape[:3], strides, padding)]
+  live = [_live_taps(n, k, s, *p) for n, k, s, p in zip(spatial, kernel.shape[:3], strides, padding)]
+  xp = jnp.pad(x, ((0, 0), *[tuple(p) for p in padding], (0, 0)))
+  cols = []
+  for i in live[0]:
+    for j in live[1]:
+      for l in live[2]:
+        cols.append(xp[:, i:i + strides[0] * (outs[0] - 1) + 1:strides[0],
+                       j:j + strides[1] * (outs[1] - 1) + 1:strides[1],
+                       l:l + strides[2] * (outs[2] - 1) + 1:strides[2]])
+  cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  k = kernel[np.ix_(live[0], live[1], live[2])] if any(
+      len(t) < n for t, n in zip(live, kernel.shape[:3])) else kernel
+  y = cols.reshape(-1, cols.shape[-1]) @ k.reshape(-1, o)
+  return y.reshape(b, *outs, o)
 
 
 def conv3d_slices(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -114,7 +185,8 @@ class Conv3D(nn.Module):
     use_bias: add a bias.
     kernel_init, bias_init: initialisers (as ``nn.Conv``).
     dtype: computation dtype (None: that of the input and kernel, promoted).
-    impl: ``"auto"``, ``"native"`` or ``"slices"`` (module docstring).
+    impl: ``"auto"``, ``"native"``, ``"slices"``, ``"dot"`` or ``"cols"``
+      (module docstring).
 
   ``__call__(x)``: ``x`` ``[batch, depth, height, width, in]`` ->
   ``[batch, depth', height', width', features]``.
@@ -141,9 +213,11 @@ class Conv3D(nn.Module):
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     pads = _pairs(self.padding, ks)
-    impl = choose_impl(self.impl, ks, st, padding=pads)
+    impl = choose_impl(self.impl, ks, st, padding=pads, spatial=x.shape[1:4])
     if impl == "slices":
       y = conv3d_slices(x, kernel, st, pads)
+    elif impl == "cols":
+      y = conv3d_cols(x, kernel, st, pads)
     elif impl == "dot":
       y = jnp.einsum("bdhwc,co->bdhwo", x, kernel[0, 0, 0])
     else:
