@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxsurv.models.conv import Conv3D
+from jaxsurv.models.pooling import max_pool
 
 # PyTorch's default ``nn.Linear`` weight init for the head; MONAI zeroes the
 # Linear bias.
@@ -95,7 +96,7 @@ class DenseLayer(nn.Module):
   norm: str = "batch"  # "batch" or "group".
   num_groups: int = 32  # GroupNorm only.
   dtype: Any = None  # Computation dtype.
-  conv_impl: str = "auto"  # "auto", "native" or "slices" (jaxsurv/models/conv.py).
+  conv_impl: str = "auto"  # One of jaxsurv.models.conv.IMPLS.
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -140,11 +141,14 @@ class DenseNet3D(nn.Module):
       default because ``init`` then also returns a batch-sized
       ``perturbations`` collection.
     conv_impl: how the convolutions run (``jaxsurv.models.conv.Conv3D``):
-      ``"auto"`` (default: on CPU the 1^3 ones as matrix products and the
-      others as one 2D convolution over depth slices; cuDNN's 3D
-      convolutions elsewhere), ``"native"`` or ``"slices"``. Same
-      parameters and, up to float32 summation order, the same outputs
-      either way.
+      ``"auto"`` (default: on CPU the 1^3 ones as matrix products, those
+      with at most 2^3 output voxels as im2col products and the others as
+      one 2D convolution over depth slices; cuDNN's 3D convolutions
+      elsewhere), ``"native"``, ``"slices"``, ``"dot"`` or ``"cols"``. The
+      stem's max-pool follows it (``jaxsurv.models.pooling.max_pool``:
+      ``"native"`` keeps ``nn.max_pool``, any other value lets the backend
+      choose). Same parameters and, up to float32 summation order, the same
+      outputs and gradients either way.
 
   Call: ``embedding, intermediates = model.apply(variables, x, train=...)``.
   """
@@ -236,7 +240,8 @@ class DenseNet3D(nn.Module):
                dtype=self.dtype, impl=self.conv_impl, name="conv0")(x)
     x = _Norm(self.norm, self.num_groups, self.dtype, name="norm0")(x, train)
     x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=((1, 1),) * 3)
+    x = max_pool(x, (3, 3, 3), (2, 2, 2), ((1, 1),) * 3,
+                 impl="native" if self.conv_impl == "native" else "auto")
     out["stem"] = x
 
     layer_cls = DenseLayer
