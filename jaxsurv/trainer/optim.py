@@ -13,9 +13,13 @@ fold recompiles the step. Each name means one thing:
   2019; ``optax.adamw``): the update is ``-lr * (adam + wd * param)``.
 
 Optional global-norm gradient clipping (``optimizer.clip_norm``) and gradient
-accumulation over ``grad_accum_steps`` batches (``optax.MultiSteps``: the
-optimiser steps on the mean gradient of every ``k`` batches; in between the
-direction is zero, so the parameters do not move).
+accumulation over ``grad_accum_steps`` batches (``Accumulate``, an
+``optax.MultiSteps`` with its state and its arithmetic: the optimiser steps on
+the mean gradient of every ``k`` batches; in between the parameters do not
+move). ``apply_updates`` is the one place a step turns gradients into new
+parameters: with accumulation it runs the optimiser and the parameter update
+only on the ``k``-th batch (``lax.cond``), where ``optax.MultiSteps.update``
+computes both on every batch and multiplies the result by zero.
 """
 
 from __future__ import annotations
@@ -92,8 +96,66 @@ def optimizer_from_spec(spec: tuple) -> optax.GradientTransformation:
     parts += [optax.scale_by_adam(b1=b1, b2=b2)] + decay
   tx = optax.chain(*parts) if parts else optax.identity()
   if accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+    tx = Accumulate(tx, accum)
   return tx
+
+
+class Accumulate(optax.MultiSteps):
+  """``optax.MultiSteps(inner, every_k_schedule=k)`` with ``k`` kept (a fixed int).
+
+  ``init`` and ``update`` are MultiSteps' own (the state is an
+  ``optax.MultiStepsState``, so checkpoints are unchanged); ``apply_updates``
+  uses ``k`` to skip the optimiser on the batches in between.
+  """
+
+  def __init__(self, inner: optax.GradientTransformation, k: int):
+    super().__init__(inner, every_k_schedule=int(k))
+    self.k = int(k)
+
+
+def apply_updates(tx: optax.GradientTransformation, grads, opt_state, params, lr: jax.Array):
+  """New ``(params, opt_state)`` from one batch's gradients: ``params - lr * direction``.
+
+  For ``Accumulate`` (``grad_accum_steps`` = k > 1) the same values as
+  ``optax.MultiSteps.update`` followed by that update: the running mean of the
+  gradients, ``acc + (g - acc) / (n + 1)`` (MultiSteps' Welford form), and on
+  the k-th batch the inner optimiser on that mean, the parameter update and a
+  zeroed accumulator; on the other batches parameters and inner state are
+  returned unchanged. ``lax.cond`` runs only the taken branch, so those
+  batches cost one pass over the accumulator instead of a whole optimiser step.
+
+  Args:
+    tx: ``make_optimizer``'s transformation.
+    grads, params: pytrees of the same structure.
+    opt_state: ``tx``'s state.
+    lr: scalar learning rate.
+
+  Returns:
+    ``(new_params, new_opt_state)``.
+  """
+  if not isinstance(tx, Accumulate):
+    direction, opt_state = tx.update(grads, opt_state, params)
+    return jax.tree.map(lambda p, u: p - lr * u, params, direction), opt_state
+  n = opt_state.mini_step
+  acc = jax.tree.map(lambda g, a: a + (g - a) / (n + 1), grads, opt_state.acc_grads)
+  emit = n == tx.k - 1
+
+  def step(operands):
+    acc, inner, params = operands
+    direction, inner = tx.inner_opt.update(acc, inner, params)
+    params = jax.tree.map(lambda p, u: p - lr * u, params, direction)
+    return params, inner, jax.tree.map(jnp.zeros_like, acc)
+
+  def keep(operands):
+    acc, inner, params = operands
+    return params, inner, acc
+
+  params, inner, acc = jax.lax.cond(emit, step, keep, (acc, opt_state.inner_opt_state, params))
+  return params, opt_state._replace(
+      mini_step=optax.safe_increment(n) % tx.k,
+      gradient_step=jnp.where(emit, optax.safe_increment(opt_state.gradient_step),
+                              opt_state.gradient_step),
+      inner_opt_state=inner, acc_grads=acc)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxsurv.models.healnet import l1_penalty
+from jaxsurv.trainer import optim
 
 
 @flax.struct.dataclass
@@ -89,8 +90,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array, lr: 
 
   (total, (data, reg, meas, updates)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  direction, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = jax.tree.map(lambda p, u: p - lr * u, state.params, direction)
+  params, opt_state = optim.apply_updates(tx, grads, state.opt_state, state.params, lr)
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=updates.get("batch_stats", state.batch_stats),
                             opt_state=opt_state)
