@@ -42,7 +42,9 @@ def _start(kind, n, out: pathlib.Path, *, epochs=2, batch=12, only=None, timeout
   out.mkdir(parents=True, exist_ok=True)
   port = _free_port() if n > 1 else 0
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), WORKER_TIMEOUT=timeout)
-  env.pop("XLA_FLAGS", None)
+  # No device-count flags; only conftest's optimisation level (tests/conftest.py).
+  env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                              if f.startswith("--xla_backend_optimization_level"))
   return [subprocess.Popen(
       [sys.executable, str(WORKER), kind, str(n), str(pid), str(port), str(out), str(epochs),
        str(batch)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,7 +1,7 @@
 """The one-shot GPU benchmark (benchmarks/gpu_benchmark.sh) at tiny shapes on CPU.
 
 Runs the shell script as a user would (``--no-install``: no package index here)
-on the ``local`` network at 16^3, batch 2, fp32, remat off and on, and checks
+on the ``local`` network at 8^3, batch 2, fp32, remat off and on, and checks
 every framework's rows and the RESULTS.md section it writes. MONAI and torch
 are optional: without them their rows must say so, and the run must still
 succeed.
@@ -24,7 +24,7 @@ def test_gpu_benchmark_runs_at_tiny_shapes_and_writes_its_section(tmp_path):
   results = tmp_path / "RESULTS.md"
   results.write_text("# Benchmark results\n\n## Other\n\nkept\n")
   cmd = ["bash", str(REPO / "benchmarks" / "gpu_benchmark.sh"), "--no-install", "--",
-         "--model", "local", "--grid", "16", "--batches", "2", "--dtypes", "float32",
+         "--model", "local", "--grid", "8", "--batches", "2", "--dtypes", "float32",
          "--remat", "off", "on", "--warmup", "1", "--steps", "2", "--budget", "400",
          "--compile-cache", str(CACHE / "jax_compilation_cache"), "--results", str(results)]
   proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHON=sys.executable),

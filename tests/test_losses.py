@@ -235,7 +235,8 @@ def test_sharded_loss_equals_single_device():
         assert abs(per_device - float(v_1)) > 1e-3  # A per-device loss is a different objective.
       print("SHARDED_OK")
       """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")  # conftest's level
+             + " --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=300)
