@@ -2,7 +2,11 @@
 
 The cache lives under ``$JAXSURV_CACHE/jax_compilation_cache`` (default
 ``~/.cache/jaxsurv``) so repeated runs of the suite skip recompiling the same
-jitted functions.
+jitted functions. The suite runs in two pytest-xdist worker processes
+(``-n 2 --dist loadfile`` in ``pytest.ini``; ``-n 0`` runs it in one
+process); they, and the processes the tests start, share the cache. JAX writes an entry in place, so a process
+may meet one another is still writing: its zlib stream is then truncated,
+JAX warns and compiles anew (a cache miss, never a wrong program).
 
 At the suite's tiny shapes compiling costs far more than running, so the
 tests (and the processes they start, which inherit the environment) compile
