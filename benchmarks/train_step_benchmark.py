@@ -43,6 +43,9 @@ Commands::
   # CPU, all defaults: ~13 CPU-minutes, mostly the two cold DenseNet-121
   # compiles (1-2 min each on idle cores; 23-26 min wall at load average 7-10):
   python benchmarks/train_step_benchmark.py
+  # DenseNet-121 on a noisy shared VM: 3 alternating jaxsurv/torch rounds
+  # of 11 timed steps each, pooled (one cold compile):
+  python benchmarks/train_step_benchmark.py --config paper --rounds 3 --steps 11
   # RESULTS.md: also on 1 core (steadier on a shared machine; twice as long):
   python benchmarks/train_step_benchmark.py --cores 2 1 --write-results
   # GPU host (jax 0.11 / Python 3.12 work unchanged): smoke test first,
@@ -70,6 +73,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -102,7 +106,23 @@ def _cpu_model() -> str:
 
 def _stats(times: list[float]) -> dict:
   return {"step_s_median": statistics.median(times), "step_s_min": min(times),
-          "step_s_max": max(times), "timed_steps": len(times)}
+          "step_s_max": max(times), "timed_steps": len(times), "step_s": list(times)}
+
+
+def pool_rounds(results: list[dict]) -> dict:
+  """One worker's results from several rounds as one: the first round's fields
+  (compile time, memory: the cold round) with the step statistics of all
+  rounds' timed steps pooled, and each round's median in ``round_medians_s``.
+  A round that failed makes the whole result that round's error."""
+  for r in results:
+    if "error" in r:
+      return r
+  out = dict(results[0])
+  times = [t for r in results for t in r["step_s"]]
+  out.update(_stats(times), rounds=len(results),
+             round_medians_s=[r["step_s_median"] for r in results])
+  out["samples_per_s"] = out["spec"]["batch"] / out["step_s_median"]
+  return out
 
 
 def _random_batch_np(seed: int, batch: int, grid: int, n_outcomes: int = 2) -> dict:
@@ -597,6 +617,12 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
   p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
   p.add_argument("--steps", type=int, default=None, help="timed steps (default local 15, paper 7)")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="alternate the jaxsurv and torch processes this many times per setting "
+                      "(jax, torch, jax, torch, ...; --steps timed steps each) and pool the step "
+                      "times, so a slow spell of a shared machine falls on both; later jaxsurv "
+                      "rounds load the first round's compiled step from a temporary "
+                      "compilation cache (compile time: the first, cold round)")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   p.add_argument("--cores", type=int, nargs="+", default=[len(os.sched_getaffinity(0))],
                  help="CPU cores per measurement (affinity; torch threads = cores, XLA sizes its "
@@ -616,6 +642,8 @@ def main(argv=None) -> int:
   p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   p.add_argument("--spec", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.rounds < 1:
+    p.error(f"--rounds must be at least 1, got {args.rounds}")
 
   if args.worker:
     result = WORKERS[args.worker](json.loads(args.spec))
@@ -639,6 +667,7 @@ def main(argv=None) -> int:
                                     "compile_cache": args.compile_cache}, args.timeout)
     print(RESULT_TAG + json.dumps(pipe), flush=True)
   rows = []
+  tmp_cache = tempfile.TemporaryDirectory(prefix="jaxsurv_bench_cache_")
   for name in args.config:
     warmup = args.warmup if args.warmup is not None else defaults[name][0]
     steps = args.steps if args.steps is not None else defaults[name][1]
@@ -652,7 +681,19 @@ def main(argv=None) -> int:
                     "dtype": dtype, "warmup": warmup, "steps": steps, "cores": cores,
                     "compile_cache": args.compile_cache,
                     "torch_channels_last": args.torch_channels_last, "conv_impl": impl}
-            j = _run_worker("jax", spec, args.timeout)
+            if args.rounds > 1:  # Interleaved rounds, pooled (see --rounds).
+              spec["compile_cache"] = args.compile_cache or tempfile.mkdtemp(dir=tmp_cache.name)
+              js, ts = [], []
+              for _ in range(args.rounds):
+                js.append(_run_worker("jax", spec, args.timeout))
+                if "error" in js[-1] or args.no_torch:
+                  continue
+                ts.append(_run_worker("torch", js[-1]["spec"], args.timeout))
+              j = pool_rounds(js)
+              if ts:
+                t = pool_rounds(ts)
+            else:
+              j = _run_worker("jax", spec, args.timeout)
             resolved = j.get("spec", spec)
             row = {"config": name, "grid": resolved["grid"], "batch": resolved["batch"],
                    "augment": aug, "dtype": dtype, "cores": j.get("cores", cores),
@@ -668,8 +709,14 @@ def main(argv=None) -> int:
                   row["param_mismatch"] = f"jaxsurv {j['n_params']} vs torch {t['n_params']}"
             rows.append(row)
             print(RESULT_TAG + json.dumps(row), flush=True)
+  tmp_cache.cleanup()
   meta["loadavg_end"] = os.getloadavg()
   meta["timing"] = "; ".join(timing)
+  if args.rounds > 1:
+    meta["timing"] += (f"; {args.rounds} rounds per setting, jaxsurv and torch processes "
+                       "alternating, step times pooled (later jaxsurv rounds load the compiled "
+                       "step from the first round's compilation cache; compile time from the "
+                       "first, cold round)")
   print(f"load average at end: {meta['loadavg_end']}", flush=True)
   print()
   print(markdown_table(rows))
