@@ -1,0 +1,199 @@
+"""One 3D convolution, forward and forward + gradients: jaxsurv's Conv3D implementations vs torch.
+
+Times ``jaxsurv.models.conv.Conv3D`` (no bias, "SAME" padding, stride 1) on an
+input ``[batch, grid, grid, grid, in]`` for each ``--impls`` entry
+(``"native"``: XLA's 3D convolution; ``"slices"``, ``"cols"``, ``"dot"``,
+``"auto"``: see ``jaxsurv/models/conv.py``), as two jitted programs:
+
+* forward: ``y = conv(x, kernel)``;
+* forward + gradients: ``d/d(x, kernel) sum(tanh(y) * g)`` (the ``tanh``
+  keeps the forward in the program, as in a network).
+
+The jaxsurv programs are timed interleaved (each rep runs every program once),
+so a slow spell of a shared machine falls on all of them; every program's
+outputs and gradients are checked against ``"native"``. Torch
+(``torch.nn.functional.conv3d``, NCDHW, ``torch.set_num_threads`` = the
+usable cores, eager) runs the same two computations in its own process, so
+neither framework's idle worker threads compete with the other.
+
+Default shape: the DenseNet-121 dense-layer 3^3 convolution of block 1 at a
+32^3 input (batch 2, 8^3 voxels, 128 -> 32 channels).
+
+Commands::
+
+  python benchmarks/conv_benchmark.py                   # block 1 of DenseNet-121 at 32^3
+  python benchmarks/conv_benchmark.py --grid 24 --batch 32 --in 8 --out 4   # local config
+  python benchmarks/conv_benchmark.py --write-results   # replace its RESULTS.md section
+
+Extras: torch (``pip install -r benchmarks/requirements.txt``); without it
+the torch column is left empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
+import common  # pylint: disable=wrong-import-position
+
+SECTION = "Conv3D implementations, one convolution (CPU)"
+RESULT_TAG = "RESULT "
+
+
+def _times_ms(fns: dict, args: tuple, reps: int, block) -> dict:
+  """Median and 25th percentile (ms) of each ``fns`` entry, run interleaved."""
+  for fn in fns.values():
+    block(fn(*args))
+  ts = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      block(fn(*args))
+      ts[name].append(time.perf_counter() - t)
+  out = {}
+  for name, v in ts.items():
+    v = sorted(v)
+    out[name] = {"median_ms": statistics.median(v) * 1e3, "p25_ms": v[len(v) // 4] * 1e3}
+  return out
+
+
+def jax_rows(a) -> list[dict]:
+  """Times every jaxsurv implementation; one row per implementation."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxsurv.models.conv import Conv3D
+
+  shape = (a.batch, a.grid, a.grid, a.grid, a.in_channels)
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = 0.05 * jax.random.normal(jax.random.key(1), (a.kernel,) * 3 + (a.in_channels, a.out))
+  g = jax.random.normal(jax.random.key(2), shape[:4] + (a.out,))
+
+  fns, outs = {}, {}
+  for impl in a.impls:
+    conv = Conv3D(a.out, (a.kernel,) * 3, use_bias=False, impl=impl)
+
+    def fwd(x, k, conv=conv):
+      return conv.apply({"params": {"kernel": k}}, x)
+
+    def grads(x, k, fwd=fwd):
+      return jax.grad(lambda x, k: jnp.sum(jnp.tanh(fwd(x, k)) * g), (0, 1))(x, k)
+
+    fns[f"{impl} fwd"], fns[f"{impl} grads"] = jax.jit(fwd), jax.jit(grads)
+    outs[impl] = (fns[f"{impl} fwd"](x, kernel), *fns[f"{impl} grads"](x, kernel))
+  ref = outs.get("native", outs[a.impls[0]])
+  times = _times_ms(fns, (x, kernel), a.reps, jax.block_until_ready)
+  rows = []
+  for impl in a.impls:
+    err = max(float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-30))
+              for u, v in zip(outs[impl], ref))
+    if not np.isfinite(err) or err > 1e-4:
+      raise AssertionError(f"{impl}: relative difference {err:.2e} from the reference")
+    rows.append({"impl": impl, "fwd": times[f"{impl} fwd"], "grads": times[f"{impl} grads"],
+                 "max_rel_diff": err})
+  return rows
+
+
+def torch_worker(a) -> dict:
+  """The same two computations with torch's conv3d (run in its own process)."""
+  import torch
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.manual_seed(0)
+  x = torch.randn(a.batch, a.in_channels, a.grid, a.grid, a.grid, requires_grad=True)
+  w = 0.05 * torch.randn(a.out, a.in_channels, a.kernel, a.kernel, a.kernel)
+  w.requires_grad_(True)
+  g = torch.randn(a.batch, a.out, a.grid, a.grid, a.grid)
+  pad = a.kernel // 2
+
+  def fwd():
+    with torch.no_grad():
+      return torch.nn.functional.conv3d(x, w, padding=pad)
+
+  def grads():
+    y = torch.nn.functional.conv3d(x, w, padding=pad)
+    return torch.autograd.grad((torch.tanh(y) * g).sum(), (x, w))
+
+  times = _times_ms({"fwd": fwd, "grads": grads}, (), a.reps, lambda _: None)
+  return {"impl": f"torch {torch.__version__}", "fwd": times["fwd"], "grads": times["grads"],
+          "threads": torch.get_num_threads()}
+
+
+def _torch_row(argv: list[str]) -> dict | None:
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--worker"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith(RESULT_TAG):
+      return json.loads(line[len(RESULT_TAG):])
+  print(f"torch worker: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", file=sys.stderr)
+  return None
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| implementation | forward ms, median (p25) | forward + gradients ms, median (p25) | "
+           "max relative difference from native |", "|---|---:|---:|---:|"]
+  for r in rows:
+    cell = lambda d: f"{d['median_ms']:.2f} ({d['p25_ms']:.2f})"
+    diff = f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else "–"
+    lines.append(f"| {r['impl']} | {cell(r['fwd'])} | {cell(r['grads'])} | {diff} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--grid", type=int, default=8, help="voxels per side of the input")
+  p.add_argument("--in", dest="in_channels", type=int, default=128)
+  p.add_argument("--out", type=int, default=32)
+  p.add_argument("--kernel", type=int, default=3, help="odd kernel side (voxels)")
+  p.add_argument("--impls", nargs="+", default=["native", "slices", "cols", "auto"],
+                 choices=["native", "slices", "cols", "dot", "auto"])
+  p.add_argument("--reps", type=int, default=60)
+  p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--write-results", action="store_true")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  a = p.parse_args(argv)
+  if a.kernel % 2 != 1 or min(a.batch, a.grid, a.in_channels, a.out, a.reps) < 1:
+    p.error("--kernel must be odd and the sizes and --reps positive")
+  if a.worker:
+    print(RESULT_TAG + json.dumps(torch_worker(a)), flush=True)
+    return 0
+  load0 = os.getloadavg()
+  rows = jax_rows(a)
+  if not a.no_torch:
+    t = _torch_row([s for s in argv if s != "--write-results"])
+    if t:
+      rows.append(t)
+  load1 = os.getloadavg()
+  import jax
+  command = "python benchmarks/conv_benchmark.py " + " ".join(argv)
+  text = "\n".join([
+      f"## {SECTION}", "",
+      f"Measured {time.strftime('%Y-%m-%d')}: `{command}`; {common.cpu_model()}, "
+      f"{len(os.sched_getaffinity(0))} cores, jax {jax.__version__} ({jax.default_backend()}); "
+      f"load average {load0[0]:.2f} -> {load1[0]:.2f}.", "",
+      f"Input [{a.batch}, {a.grid}, {a.grid}, {a.grid}, {a.in_channels}], {a.kernel}^3 kernel "
+      f"-> {a.out} channels, \"SAME\", stride 1. jaxsurv programs interleaved, {a.reps} reps "
+      "each; torch eager NCDHW in its own process. Gradients: of sum(tanh(y) * g) with respect "
+      "to the input and the kernel (the forward included).", "",
+      table(rows), ""])
+  print(text)
+  if a.write_results:
+    common.write_section(HERE / "RESULTS.md", SECTION, text)
+    print(f"wrote the '{SECTION}' section of {HERE / 'RESULTS.md'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
