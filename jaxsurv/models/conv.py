@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import itertools
 import math
 
 import flax.linen as nn
@@ -105,6 +106,13 @@ def choose_impl(impl: str, kernel_size: Sequence[int], strides: Sequence[int],
   return "slices"
 
 
+def tap(x: jax.Array, axis: int, start: int, stride: int, n_out: int) -> jax.Array:
+  """The ``n_out`` elements of ``x`` along ``axis`` that kernel tap ``start``
+  meets at stride ``stride`` (``x[..., start : start + stride * (n_out - 1) + 1
+  : stride, ...]``)."""
+  return jax.lax.slice_in_dim(x, start, start + stride * (n_out - 1) + 1, stride, axis=axis)
+
+
 def _live_taps(n: int, k: int, s: int, p0: int, p1: int) -> list[int]:
   """Kernel taps along one axis that meet at least one real (unpadded) input."""
   m = _out_size(n, k, s, p0, p1)
@@ -133,12 +141,11 @@ def conv3d_cols(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   live = [_live_taps(n, k, s, *p) for n, k, s, p in zip(spatial, kernel.shape[:3], strides, padding)]
   xp = jnp.pad(x, ((0, 0), *[tuple(p) for p in padding], (0, 0)))
   cols = []
-  for i in live[0]:
-    for j in live[1]:
-      for l in live[2]:
-        cols.append(xp[:, i:i + strides[0] * (outs[0] - 1) + 1:strides[0],
-                       j:j + strides[1] * (outs[1] - 1) + 1:strides[1],
-                       l:l + strides[2] * (outs[2] - 1) + 1:strides[2]])
+  for taps in itertools.product(*live):
+    window = xp
+    for axis, (t, s, m) in enumerate(zip(taps, strides, outs), start=1):
+      window = tap(window, axis, t, s, m)
+    cols.append(window)
   cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
   k = kernel[np.ix_(live[0], live[1], live[2])] if any(
       len(t) < n for t, n in zip(live, kernel.shape[:3])) else kernel
@@ -166,7 +173,7 @@ def conv3d_slices(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   sd = strides[0]
   xp = jnp.pad(x, ((0, 0), (d0, d1), (0, 0), (0, 0), (0, 0)))
   d_out = (d + d0 + d1 - kd) // sd + 1
-  stacked = jnp.concatenate([xp[:, k:k + sd * (d_out - 1) + 1:sd] for k in range(kd)], axis=-1)
+  stacked = jnp.concatenate([tap(xp, 1, k, sd, d_out) for k in range(kd)], axis=-1)
   stacked = stacked.reshape(b * d_out, h, w, kd * c)
   k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, o)
   y = jax.lax.conv_general_dilated(stacked, k2, tuple(strides[1:]), (tuple(hp), tuple(wp)),

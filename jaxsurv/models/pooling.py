@@ -29,11 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsurv.models.conv import tap as _tap
+
 IMPLS = ("auto", "native", "separable")
-
-
-def _tap(x: jax.Array, axis: int, t: int, stride: int, n_out: int) -> jax.Array:
-  return jax.lax.slice_in_dim(x, t, t + stride * (n_out - 1) + 1, stride, axis=axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
