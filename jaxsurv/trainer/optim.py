@@ -133,9 +133,12 @@ def apply_updates(tx: optax.GradientTransformation, grads, opt_state, params, lr
   Returns:
     ``(new_params, new_opt_state)``.
   """
+  def descend(params, direction):
+    return jax.tree.map(lambda p, u: p - lr * u, params, direction)
+
   if not isinstance(tx, Accumulate):
     direction, opt_state = tx.update(grads, opt_state, params)
-    return jax.tree.map(lambda p, u: p - lr * u, params, direction), opt_state
+    return descend(params, direction), opt_state
   n = opt_state.mini_step
   acc = jax.tree.map(lambda g, a: a + (g - a) / (n + 1), grads, opt_state.acc_grads)
   emit = n == tx.k - 1
@@ -143,8 +146,7 @@ def apply_updates(tx: optax.GradientTransformation, grads, opt_state, params, lr
   def step(operands):
     acc, inner, params = operands
     direction, inner = tx.inner_opt.update(acc, inner, params)
-    params = jax.tree.map(lambda p, u: p - lr * u, params, direction)
-    return params, inner, jax.tree.map(jnp.zeros_like, acc)
+    return descend(params, direction), inner, jax.tree.map(jnp.zeros_like, acc)
 
   def keep(operands):
     acc, inner, params = operands
