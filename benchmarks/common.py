@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import platform
 import re
+import subprocess
+import sys
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A worker process prints its result as one line: RESULT_TAG + JSON.
+RESULT_TAG = "RESULT "
+
+
+def run_worker(script: str, args: list[str], timeout: float | None = None,
+               tail_lines: int = 15) -> tuple[Any, str | None]:
+  """Runs ``python script *args`` in a fresh process from the repository root.
+
+  Returns:
+    ``(result, None)``: the JSON after the last ``RESULT_TAG`` line of its
+    stdout; or ``(None, why)``: "timed out after N s", or "exited RC: " and
+    the last ``tail_lines`` lines of its stderr (else stdout) joined by " | ".
+  """
+  try:
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, check=False)
+  except subprocess.TimeoutExpired:
+    return None, f"timed out after {timeout:.0f} s"
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith(RESULT_TAG):
+      return json.loads(line[len(RESULT_TAG):]), None
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:]
+  return None, f"exited {proc.returncode}: " + " | ".join(tail)
 
 
 def cpu_model() -> str:

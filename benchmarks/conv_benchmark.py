@@ -36,7 +36,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -48,7 +47,7 @@ for _p in (str(REPO), str(HERE)):
 import common  # pylint: disable=wrong-import-position
 
 SECTION = "Conv3D implementations, one convolution (CPU)"
-RESULT_TAG = "RESULT "
+RESULT_TAG = common.RESULT_TAG
 
 
 def _times_ms(fns: dict, args: tuple, reps: int, block) -> dict:
@@ -130,13 +129,10 @@ def torch_worker(a) -> dict:
 
 
 def _torch_row(argv: list[str]) -> dict | None:
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--worker"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith(RESULT_TAG):
-      return json.loads(line[len(RESULT_TAG):])
-  print(f"torch worker: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", file=sys.stderr)
-  return None
+  row, why = common.run_worker(__file__, [*argv, "--worker"], tail_lines=1)
+  if why:
+    print(f"torch worker {why}", file=sys.stderr)
+  return row
 
 
 def table(rows: list[dict]) -> str:

@@ -54,7 +54,6 @@ import itertools
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -69,7 +68,7 @@ import common  # pylint: disable=wrong-import-position
 import train_step_benchmark as tsb  # pylint: disable=wrong-import-position
 
 SECTION = "One-shot GPU benchmark"
-RESULT_TAG = "RESULT "
+RESULT_TAG = common.RESULT_TAG
 FRAMEWORKS = ("jaxsurv", "monai", "torch")
 HEADS = ("mm", "image", "clinical")
 
@@ -337,20 +336,12 @@ def _run_worker(framework: str, spec: dict) -> list[dict]:
   if missing:
     return [_row(framework, s, error=f"skipped: {missing}") for s in _settings(spec)]
   spec = dict(spec, framework=framework)
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", framework,
-         "--spec", json.dumps(spec)]
   timeout = max(30.0, spec["deadline"] - time.time() + 120.0)
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-  except subprocess.TimeoutExpired:
-    return [_row(framework, s, error=f"worker timed out after {timeout:.0f} s")
-            for s in _settings(spec)]
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith(RESULT_TAG):
-      return json.loads(line[len(RESULT_TAG):])
-  tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-  return [_row(framework, s, error=f"worker exited {proc.returncode}: {tail}"[:600])
-          for s in _settings(spec)]
+  rows, why = common.run_worker(__file__, ["--worker", framework, "--spec", json.dumps(spec)],
+                                timeout, tail_lines=8)
+  if why:
+    return [_row(framework, s, error=f"worker {why}"[:600]) for s in _settings(spec)]
+  return rows
 
 
 # ----------------------------------------------------------------------------

@@ -87,7 +87,7 @@ import common  # pylint: disable=wrong-import-position
 
 SECTION = "Train step"
 N_CLINICAL = 11  # MMNN's clinical input width (standardised, imputed variables).
-RESULT_TAG = "RESULT "
+RESULT_TAG = common.RESULT_TAG
 
 
 # ----------------------------------------------------------------------------
@@ -420,17 +420,9 @@ WORKERS = {"jax": jax_worker, "torch": torch_worker, "pipeline": pipeline_worker
 
 def _run_worker(kind: str, spec: dict, timeout: float) -> dict:
   """Runs one worker in a fresh process; returns its result or ``{"error": ...}``."""
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind,
-         "--spec", json.dumps(spec)]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-  except subprocess.TimeoutExpired:
-    return {"error": f"{kind} worker timed out after {timeout:.0f} s"}
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith(RESULT_TAG):
-      return json.loads(line[len(RESULT_TAG):])
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-  return {"error": f"{kind} worker exited {proc.returncode}: " + " | ".join(tail)}
+  result, why = common.run_worker(__file__, ["--worker", kind, "--spec", json.dumps(spec)],
+                                  timeout)
+  return {"error": f"{kind} worker {why}"} if why else result
 
 
 # ----------------------------------------------------------------------------
