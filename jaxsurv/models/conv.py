@@ -137,8 +137,9 @@ def conv3d_cols(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   """
   b, *spatial, c = x.shape
   o = kernel.shape[-1]
-  outs = [_out_size(n, k, s, *p) for n, k, s, p in zip(spatial, kernel.shape[:3], strides, padding)]
-  live = [_live_taps(n, k, s, *p) for n, k, s, p in zip(spatial, kernel.shape[:3], strides, padding)]
+  axes = list(zip(spatial, kernel.shape[:3], strides, padding))  # (n, k, s, (p0, p1)) per axis
+  outs = [_out_size(n, k, s, *p) for n, k, s, p in axes]
+  live = [_live_taps(n, k, s, *p) for n, k, s, p in axes]
   xp = jnp.pad(x, ((0, 0), *[tuple(p) for p in padding], (0, 0)))
   cols = []
   for taps in itertools.product(*live):
