@@ -4,9 +4,10 @@ The cache lives under ``$JAXSURV_CACHE/jax_compilation_cache`` (default
 ``~/.cache/jaxsurv``) so repeated runs of the suite skip recompiling the same
 jitted functions. The suite runs in two pytest-xdist worker processes
 (``-n 2 --dist loadfile`` in ``pytest.ini``; ``-n 0`` runs it in one
-process); they, and the processes the tests start, share the cache. JAX writes an entry in place, so a process
-may meet one another is still writing: its zlib stream is then truncated,
-JAX warns and compiles anew (a cache miss, never a wrong program).
+process); they, and the processes the tests start, share the cache. JAX
+writes an entry in place, so a process may meet one another is still
+writing: its zlib stream is then truncated, JAX warns and compiles anew (a
+cache miss, never a wrong program).
 
 At the suite's tiny shapes compiling costs far more than running, so the
 tests (and the processes they start, which inherit the environment) compile
@@ -33,6 +34,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def subprocess_xla_flags(*extra: str) -> str:
+  """``XLA_FLAGS`` for a process a test starts: the suite's optimisation level
+  (above) and ``extra`` (e.g. ``--xla_force_host_platform_device_count=4``),
+  no other flag of this process."""
+  level = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if f.startswith("--xla_backend_optimization_level")]
+  return " ".join(level + list(extra))
 
 
 def tiny_mmnn_config(**overrides):

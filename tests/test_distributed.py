@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_xla_flags
 from jaxsurv import distributed
 from jaxsurv.errors import UserError
 
@@ -42,9 +42,7 @@ def _start(kind, n, out: pathlib.Path, *, epochs=2, batch=12, only=None, timeout
   out.mkdir(parents=True, exist_ok=True)
   port = _free_port() if n > 1 else 0
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), WORKER_TIMEOUT=timeout)
-  # No device-count flags; only conftest's optimisation level (tests/conftest.py).
-  env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                              if f.startswith("--xla_backend_optimization_level"))
+  env["XLA_FLAGS"] = subprocess_xla_flags()  # No device-count flags.
   return [subprocess.Popen(
       [sys.executable, str(WORKER), kind, str(n), str(pid), str(port), str(out), str(epochs),
        str(batch)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -19,7 +19,7 @@ from jax.test_util import check_grads
 
 from jaxsurv.losses import checked_cox_ph_loss, cox_ph_loss, discrete_time_nll, duration_ranks
 
-from conftest import REPO
+from conftest import REPO, subprocess_xla_flags
 
 
 def brute_force_cox_nll(risk, duration, event, ties):
@@ -235,8 +235,8 @@ def test_sharded_loss_equals_single_device():
         assert abs(per_device - float(v_1)) > 1e-3  # A per-device loss is a different objective.
       print("SHARDED_OK")
       """)
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")  # conftest's level
-             + " --xla_force_host_platform_device_count=4",
+  env = dict(os.environ,
+             XLA_FLAGS=subprocess_xla_flags("--xla_force_host_platform_device_count=4"),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=300)
