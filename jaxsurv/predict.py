@@ -678,6 +678,7 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   from jaxsurv import train  # pylint: disable=import-outside-toplevel
+  from jaxsurv.trainer import loop  # pylint: disable=import-outside-toplevel
   out = pathlib.Path(out)
   runs.refuse_output_near_runs(out)
   if not step_days > 0:
@@ -687,7 +688,9 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
   bs = int(batch_size or run.config.eval_batch_size)
   if bs < 1:
     raise UserError(f"batch_size: must be >= 1, got {bs}")
-  predict_jit = jax.jit(functools.partial(train.predict_fn, model=run.model))
+  # The trainer's XLA options (CPU convolution library), so predictions match its own.
+  jit = functools.partial(jax.jit, compiler_options=loop.compiler_options(run.config) or None)
+  predict_jit = jit(functools.partial(train.predict_fn, model=run.model))
   cam_jit = None
   if heatmaps:
     if not run.has_image:
@@ -698,8 +701,8 @@ def predict(workdir: PathLike, manifest: PathLike, out: PathLike, *, heatmaps: b
                       f"{list(run.heads)}")
     if sign not in gradcam.SIGNS:
       raise UserError(f"--sign: expected one of {list(gradcam.SIGNS)}, got {sign!r}")
-    cam_jit = jax.jit(functools.partial(gradcam.mmnn_grad_cam, run.model, layer=layer, head=head,
-                                        sign=sign))
+    cam_jit = jit(functools.partial(gradcam.mmnn_grad_cam, run.model, layer=layer, head=head,
+                                    sign=sign))
     # Fails now (not after preprocessing) on an unknown layer.
     try:
       jax.eval_shape(cam_jit, run.variables,

@@ -48,11 +48,12 @@ FORMAT = 1
 # progress is logged, and how many processes prepare the cohort once (the
 # prepared data is the same for any number).
 # Fields that change how a run computes or reports, not what it computes
-# (model.image.conv_impl: the same convolution up to float32 summation order),
+# (model.image.conv_impl and xla_cpu_convolutions: the same convolution up to
+# float32 summation order),
 # and the variable lists of ``python -m jaxsurv.compare``'s classical rows
 # (``compare``), which no network run reads.
 IGNORED_FIELDS = frozenset({"progress_bar", "log_every_steps", "data.prepare_workers",
-                            "model.image.conv_impl", "compare"})
+                            "model.image.conv_impl", "xla_cpu_convolutions", "compare"})
 
 _SHORT = 12  # Hex digits of a fingerprint shown in messages.
 

@@ -379,6 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from jaxsurv import runs  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   pretrained.check_config(config)  # A bad init_from fails before any work.
+  loop.compiler_options(config)  # So does a bad xla_cpu_convolutions.
   prepared = load_cohort(config)
   split = make_splits(prepared.table, config, None)  # Checks; reads and writes nothing.
   arrays, clin_pre = build_arrays(prepared, config, split.train)

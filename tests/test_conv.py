@@ -3,10 +3,13 @@
 Forward values and gradients (input and kernel) of ``conv3d_slices`` and
 ``conv3d_cols`` must match ``lax.conv_general_dilated``; ``Conv3D`` must have ``nn.Conv``'s
 parameters; DenseNet3D and the whole MMNN train step must give the same
-outputs, gradients and updated parameters with either implementation.
+outputs, gradients and updated parameters with either implementation, and
+the trainer's step the same on either CPU convolution library
+(``cpu_compiler_options``).
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -17,7 +20,8 @@ import pytest
 
 from jaxsurv import tasks
 from jaxsurv.models import MMNN, registry
-from jaxsurv.models.conv import Conv3D, choose_impl, conv3d_cols, conv3d_slices
+from jaxsurv.models.conv import (Conv3D, choose_impl, conv3d_cols, conv3d_slices,
+                                 cpu_compiler_options)
 from jaxsurv.models.densenet3d import DenseNet3D
 from jaxsurv.trainer import step as step_lib
 
@@ -177,3 +181,80 @@ def test_mmnn_train_step_is_the_same_with_either_implementation():
   assert moved > 1e-3  # the step changed the parameters
   for a, c in zip(jax.tree.leaves(s_s.params), jax.tree.leaves(s_n.params)):
     np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4)
+
+
+def _ynn_convolutions(hlo: str) -> int:
+  """Convolutions inside YNNPACK fusions of a compiled program's HLO text."""
+  bodies = dict(re.findall(r"^(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S))
+  called = re.findall(r"calls=(%[\w.\-]+)[^\n]*__ynn_fusion", hlo)
+  return sum(bodies.get(name, "").count(" convolution(") for name in called)
+
+
+def test_cpu_compiler_options_move_convolutions_from_ynnpack_to_eigen():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 24))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 24, 20))
+  f = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  opts = cpu_compiler_options("eigen", backend="cpu")
+  assert opts and cpu_compiler_options("xla", backend="cpu") == {}
+  assert cpu_compiler_options("eigen", backend="gpu") == {}
+  with pytest.raises(ValueError, match="xla_cpu_convolutions must be one of"):
+    cpu_compiler_options("mkl")
+  xla = jax.jit(f).lower(x, k).compile()
+  eigen = jax.jit(f, compiler_options=opts).lower(x, k).compile()
+  # XLA's own choice gives this 24 -> 20 channel convolution to YNNPACK, the option does not.
+  assert _ynn_convolutions(xla.as_text()) == 1
+  assert _ynn_convolutions(eigen.as_text()) == 0 and " convolution(" in eigen.as_text()
+  np.testing.assert_allclose(eigen(x, k), xla(x, k), rtol=1e-5, atol=1e-5)
+
+
+def _tiny_mmnn_config(library):
+  from configs import mmnn  # pylint: disable=import-outside-toplevel
+  c = mmnn.get_config("local")
+  c.data.preprocess.grid = (8, 8, 8)
+  # More than 16 channels, so that XLA gives the convolutions to YNNPACK by default.
+  c.model.image.update(dict(init_features=20, growth_rate=5, block_config=(1,), bn_size=4,
+                            dropout_rate=0.0, head_dropout_rate=0.0))
+  c.model.clinical.dropout_rate = 0.0
+  c.batch_size = 4
+  # Plain SGD: Adam's first step is about lr * sign(gradient), which turns
+  # float32 rounding of near-zero gradients into whole-step differences.
+  c.optimizer.update(dict(name="sgd", momentum=0.0, nesterov=False, weight_decay=0.0))
+  c.xla_cpu_convolutions = library
+  return c
+
+
+def test_trainer_step_is_the_same_on_either_cpu_convolution_library():
+  from jaxsurv import train  # pylint: disable=import-outside-toplevel
+  from jaxsurv.trainer import loop  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  b = 4
+  part = loop.Part({"inputs": {"image": rng.normal(size=(b, 8, 8, 8, 2)).astype(np.float32),
+                               "clinical": rng.normal(size=(b, 11)).astype(np.float32)},
+                    "presence": {}, "duration": rng.integers(1, 6, size=(b, 2)).astype(np.float32),
+                    "event": np.array([[1, 0], [1, 1], [0, 1], [1, 1]], np.int32),
+                    "outcome_mask": np.ones((b, 2), bool)})
+  out, hlo = {}, {}
+  for library in ("xla", "eigen"):
+    trainer = train.make_trainer(_tiny_mmnn_config(library))
+    state = trainer.init_state(jax.random.key(0), part)
+    params0 = jax.device_get(state.params)
+    batch = trainer.batch(part, np.arange(b), b)
+    args = (batch, jax.random.key(1), jnp.float32(1e-2), jnp.array([0.5, 0.3, 0.2]))
+    hlo[library] = trainer.train_step.lower(state, *args).compile().as_text()
+    out[library] = jax.device_get(trainer.train_step(state, *args))
+  assert _ynn_convolutions(hlo["xla"]) > 0 and _ynn_convolutions(hlo["eigen"]) == 0
+  (s_x, m_x), (s_e, m_e) = out["xla"], out["eigen"]
+  np.testing.assert_allclose(m_e["loss"], m_x["loss"], rtol=1e-5)
+  moved = max(float(np.max(np.abs(a - c)))
+              for a, c in zip(jax.tree.leaves(s_x.params), jax.tree.leaves(params0)))
+  assert moved > 1e-4  # the step changed the parameters
+  for a, c in zip(jax.tree.leaves(s_e.params), jax.tree.leaves(s_x.params)):
+    np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4)
+
+
+def test_an_unknown_cpu_convolution_library_is_a_user_error():
+  from jaxsurv.errors import UserError  # pylint: disable=import-outside-toplevel
+  from jaxsurv.trainer import loop  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UserError, match="config.xla_cpu_convolutions must be one of"):
+    loop.compiler_options(_tiny_mmnn_config("mkl"))

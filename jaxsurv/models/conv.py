@@ -33,14 +33,28 @@ so checkpoints are interchangeable), in one of two ways:
 
 All give the same outputs and gradients up to float32 summation order
 (``tests/test_conv.py``).
+
+Which library runs a 2D convolution is XLA's choice, made per compiled
+program: jaxlib 0.10's CPU compiler hands dots, reductions and 2D
+convolutions in ``NHWC``/``HWIO`` layout with more than 16 channels to
+YNNPACK ("library fusions"), the other convolutions to Eigen.
+``cpu_compiler_options("eigen")`` keeps every convolution on Eigen (dots and
+reductions stay on YNNPACK); the trainer passes it to ``jax.jit`` when the
+config says ``xla_cpu_convolutions="eigen"``. On 2 cores Eigen ran the
+DenseNet-121 stem and block-1 convolutions of a 32^3 input at batch 2 about
+1.5x faster than YNNPACK (YNNPACK used one thread for them), and the whole
+step 5-7% faster; at the ``local`` config's shapes YNNPACK was 0-5% faster
+(``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import functools
 import itertools
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -54,6 +68,57 @@ IMPLS = ("auto", "native", "slices", "dot", "cols")
 # convolution (128 -> 32 channels, batch 2): at 2^3 0.5 ms as "cols" against
 # 1.1 ms as "slices", at 1^3 0.16 against 0.50 ms, at 4^3 level (1.3 ms).
 COLS_MAX_VOXELS = 8
+
+
+# ``xla_cpu_convolutions`` values (module docstring).
+CPU_CONV_LIBRARIES = ("xla", "eigen")
+
+# The XLA option listing the operation kinds the CPU compiler gives YNNPACK,
+# and that list without convolutions: jaxlib 0.10.2's default is individual
+# dots, reductions and individual convolutions.
+_LIBRARY_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_accepts(option: str, value: str) -> bool:
+  """Whether this jaxlib's compiler takes ``option=value`` (one tiny compile)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={option: value}).lower(
+        jnp.zeros((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError:
+    return False
+  return True
+
+
+def cpu_compiler_options(library: str = "xla", backend: str | None = None) -> dict:
+  """``compiler_options`` for ``jax.jit`` that choose the CPU convolution library.
+
+  Args:
+    library: ``"xla"`` (XLA's own choice: YNNPACK for 2D convolutions with
+      more than 16 channels) or ``"eigen"`` (every convolution on Eigen; dots
+      and reductions stay on YNNPACK). See the module docstring.
+    backend: the backend the program is compiled for (default: JAX's default
+      backend). Only ``"cpu"`` gets options.
+
+  Returns:
+    ``{}`` for ``"xla"``, for another backend, or when this jaxlib does not
+    know the option (with a warning); else the one XLA option.
+
+  Raises:
+    ValueError: ``library`` is not one of ``CPU_CONV_LIBRARIES``.
+  """
+  if library not in CPU_CONV_LIBRARIES:
+    raise ValueError(f"xla_cpu_convolutions must be one of {CPU_CONV_LIBRARIES}, "
+                     f"got {library!r}")
+  if library == "xla" or (backend or jax.default_backend()) != "cpu":
+    return {}
+  if not _xla_accepts(_LIBRARY_FUSION_OPTION, _WITHOUT_CONVOLUTIONS):
+    warnings.warn(f"this jaxlib ({jax.__version__}) has no XLA option "
+                  f"{_LIBRARY_FUSION_OPTION}={_WITHOUT_CONVOLUTIONS}; "
+                  "xla_cpu_convolutions='eigen' is ignored (XLA's own choice is used)")
+    return {}
+  return {_LIBRARY_FUSION_OPTION: _WITHOUT_CONVOLUTIONS}
 
 
 def _pairs(padding, kernel_size) -> tuple:

@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsurv import distributed, metrics
 from jaxsurv.errors import TrainingError, UserError
-from jaxsurv.models import pretrained
+from jaxsurv.models import conv, pretrained
 from jaxsurv.trainer import optim
 from jaxsurv.trainer.step import TrainState, predict_fn, train_step
 
@@ -210,19 +210,35 @@ class FitResult:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(model, call, opt_spec: tuple, task, augment, l1: float, l1_include: str,
-              summarize):
+              summarize, compiler_options: tuple = ()):
   """``(tx, jitted step, jitted predict, jitted init)`` per static setting.
 
   Cached on the hashable model and settings, so trainers that differ only in
   epochs, selection or data (cross-validation folds) share one compilation.
+  ``compiler_options``: ``(name, value)`` pairs of XLA options for all three
+  (``jaxsurv.models.conv.cpu_compiler_options``).
   """
   tx = optim.optimizer_from_spec(opt_spec)
   step = functools.partial(train_step, model=model, call=call, tx=tx, task=task,
                            augment=augment, l1=l1, l1_include=l1_include)
   init = functools.partial(call.init, model)
-  return (tx, jax.jit(step, donate_argnums=(0,)),
-          jax.jit(functools.partial(predict_fn, model=model, call=call, summarize=summarize)),
-          jax.jit(init))
+  jit = functools.partial(jax.jit, compiler_options=dict(compiler_options) or None)
+  return (tx, jit(step, donate_argnums=(0,)),
+          jit(functools.partial(predict_fn, model=model, call=call, summarize=summarize)),
+          jit(init))
+
+
+def compiler_options(config) -> dict:
+  """The XLA options of a config's compiled programs: ``config.xla_cpu_convolutions``
+  (``"xla"`` when absent; ``jaxsurv.models.conv.cpu_compiler_options``).
+
+  Raises:
+    UserError: an unknown ``xla_cpu_convolutions``.
+  """
+  try:
+    return conv.cpu_compiler_options(config.get("xla_cpu_convolutions", "xla"))
+  except ValueError as e:
+    raise UserError(f"config.{e}") from None
 
 
 class Trainer:
@@ -232,7 +248,8 @@ class Trainer:
     config: the run config (``batch_size``, ``eval_batch_size``,
       ``num_epochs``, ``optimizer``, ``grad_accum_steps``, ``selection``,
       ``early_stopping``, ``drop_remainder``, ``log_every_steps``,
-      ``progress_bar``, ``seed``; ``loss.l1`` and ``loss.l1_include``).
+      ``progress_bar``, ``seed``, ``xla_cpu_convolutions``; ``loss.l1`` and
+      ``loss.l1_include``).
     model: a Flax module; ``call`` its adapter (``jaxsurv.models.registry``).
     task: a task (``jaxsurv.tasks``).
     augment: training-time input transform (static, hashable) or None.
@@ -262,7 +279,8 @@ class Trainer:
     lc = config.get("loss", ml_collections.ConfigDict())
     self.tx, self.train_step, self.predict, self._init = _compiled(
         model, call, optim.optimizer_spec(config), task, augment,
-        float(lc.get("l1", 0.0) or 0.0), lc.get("l1_include", "all"), summarize)
+        float(lc.get("l1", 0.0) or 0.0), lc.get("l1_include", "all"), summarize,
+        tuple(sorted(compiler_options(config).items())))
 
   # -- data ------------------------------------------------------------------
 
