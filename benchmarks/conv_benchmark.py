@@ -1,9 +1,12 @@
 """One 3D convolution, forward and forward + gradients: jaxsurv's Conv3D implementations vs torch.
 
-Times ``jaxsurv.models.conv.Conv3D`` (no bias, "SAME" padding, stride 1) on an
-input ``[batch, grid, grid, grid, in]`` for each ``--impls`` entry
+Times ``jaxsurv.models.conv.Conv3D`` (no bias, "SAME" padding, ``--stride``)
+on an input ``[batch, grid, grid, grid, in]`` for each ``--impls`` entry
 (``"native"``: XLA's 3D convolution; ``"slices"``, ``"cols"``, ``"dot"``,
-``"auto"``: see ``jaxsurv/models/conv.py``), as two jitted programs:
+``"auto"``: see ``jaxsurv/models/conv.py``) and each ``--cpu-convs`` library
+of XLA's CPU 2D convolutions (``"xla"``: XLA's own choice, YNNPACK for more
+than 16 channels; ``"eigen"``: ``jaxsurv.models.conv.cpu_compiler_options``),
+as two jitted programs:
 
 * forward: ``y = conv(x, kernel)``;
 * forward + gradients: ``d/d(x, kernel) sum(tanh(y) * g)`` (the ``tanh``
@@ -23,6 +26,7 @@ Commands::
 
   python benchmarks/conv_benchmark.py                   # block 1 of DenseNet-121 at 32^3
   python benchmarks/conv_benchmark.py --grid 24 --batch 32 --in 8 --out 4   # local config
+  python benchmarks/conv_benchmark.py --grid 32 --in 2 --out 64 --kernel 7 --stride 2  # stem
   python benchmarks/conv_benchmark.py --write-results   # replace its RESULTS.md section
 
 Extras: torch (``pip install -r benchmarks/requirements.txt``); without it
@@ -72,34 +76,38 @@ def jax_rows(a) -> list[dict]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jaxsurv.models.conv import Conv3D
+  from jaxsurv.models.conv import Conv3D, cpu_compiler_options
 
   shape = (a.batch, a.grid, a.grid, a.grid, a.in_channels)
   x = jax.random.normal(jax.random.key(0), shape)
   kernel = 0.05 * jax.random.normal(jax.random.key(1), (a.kernel,) * 3 + (a.in_channels, a.out))
-  g = jax.random.normal(jax.random.key(2), shape[:4] + (a.out,))
-
+  names = [impl if lib == "xla" else f"{impl}, {lib}"
+           for impl in a.impls for lib in a.cpu_convs]
   fns, outs = {}, {}
-  for impl in a.impls:
-    conv = Conv3D(a.out, (a.kernel,) * 3, use_bias=False, impl=impl)
+  for name in names:
+    impl, lib = (name.split(", ") + ["xla"])[:2]
+    conv = Conv3D(a.out, (a.kernel,) * 3, strides=(a.stride,) * 3, use_bias=False, impl=impl)
 
     def fwd(x, k, conv=conv):
       return conv.apply({"params": {"kernel": k}}, x)
 
-    def grads(x, k, fwd=fwd):
+    g = jax.random.normal(jax.random.key(2), jax.eval_shape(fwd, x, kernel).shape)
+
+    def grads(x, k, fwd=fwd, g=g):
       return jax.grad(lambda x, k: jnp.sum(jnp.tanh(fwd(x, k)) * g), (0, 1))(x, k)
 
-    fns[f"{impl} fwd"], fns[f"{impl} grads"] = jax.jit(fwd), jax.jit(grads)
-    outs[impl] = (fns[f"{impl} fwd"](x, kernel), *fns[f"{impl} grads"](x, kernel))
-  ref = outs.get("native", outs[a.impls[0]])
+    jit = lambda f, lib=lib: jax.jit(f, compiler_options=cpu_compiler_options(lib) or None)
+    fns[f"{name} fwd"], fns[f"{name} grads"] = jit(fwd), jit(grads)
+    outs[name] = (fns[f"{name} fwd"](x, kernel), *fns[f"{name} grads"](x, kernel))
+  ref = outs.get("native", outs[names[0]])
   times = _times_ms(fns, (x, kernel), a.reps, jax.block_until_ready)
   rows = []
-  for impl in a.impls:
+  for name in names:
     err = max(float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-30))
-              for u, v in zip(outs[impl], ref))
+              for u, v in zip(outs[name], ref))
     if not np.isfinite(err) or err > 1e-4:
-      raise AssertionError(f"{impl}: relative difference {err:.2e} from the reference")
-    rows.append({"impl": impl, "fwd": times[f"{impl} fwd"], "grads": times[f"{impl} grads"],
+      raise AssertionError(f"{name}: relative difference {err:.2e} from the reference")
+    rows.append({"impl": name, "fwd": times[f"{name} fwd"], "grads": times[f"{name} grads"],
                  "max_rel_diff": err})
   return rows
 
@@ -112,15 +120,16 @@ def torch_worker(a) -> dict:
   x = torch.randn(a.batch, a.in_channels, a.grid, a.grid, a.grid, requires_grad=True)
   w = 0.05 * torch.randn(a.out, a.in_channels, a.kernel, a.kernel, a.kernel)
   w.requires_grad_(True)
-  g = torch.randn(a.batch, a.out, a.grid, a.grid, a.grid)
   pad = a.kernel // 2
+  n_out = (a.grid + 2 * pad - a.kernel) // a.stride + 1
+  g = torch.randn(a.batch, a.out, n_out, n_out, n_out)
 
   def fwd():
     with torch.no_grad():
-      return torch.nn.functional.conv3d(x, w, padding=pad)
+      return torch.nn.functional.conv3d(x, w, stride=a.stride, padding=pad)
 
   def grads():
-    y = torch.nn.functional.conv3d(x, w, padding=pad)
+    y = torch.nn.functional.conv3d(x, w, stride=a.stride, padding=pad)
     return torch.autograd.grad((torch.tanh(y) * g).sum(), (x, w))
 
   times = _times_ms({"fwd": fwd, "grads": grads}, (), a.reps, lambda _: None)
@@ -152,16 +161,19 @@ def main(argv=None) -> int:
   p.add_argument("--in", dest="in_channels", type=int, default=128)
   p.add_argument("--out", type=int, default=32)
   p.add_argument("--kernel", type=int, default=3, help="odd kernel side (voxels)")
+  p.add_argument("--stride", type=int, default=1)
   p.add_argument("--impls", nargs="+", default=["native", "slices", "cols", "auto"],
                  choices=["native", "slices", "cols", "dot", "auto"])
+  p.add_argument("--cpu-convs", nargs="+", default=["xla", "eigen"], choices=["xla", "eigen"],
+                 help="library of XLA's CPU 2D convolutions, per implementation")
   p.add_argument("--reps", type=int, default=60)
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--write-results", action="store_true")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   argv = sys.argv[1:] if argv is None else list(argv)
   a = p.parse_args(argv)
-  if a.kernel % 2 != 1 or min(a.batch, a.grid, a.in_channels, a.out, a.reps) < 1:
-    p.error("--kernel must be odd and the sizes and --reps positive")
+  if a.kernel % 2 != 1 or min(a.batch, a.grid, a.in_channels, a.out, a.reps, a.stride) < 1:
+    p.error("--kernel must be odd and the sizes, --stride and --reps positive")
   if a.worker:
     print(RESULT_TAG + json.dumps(torch_worker(a)), flush=True)
     return 0
@@ -180,9 +192,10 @@ def main(argv=None) -> int:
       f"{len(os.sched_getaffinity(0))} cores, jax {jax.__version__} ({jax.default_backend()}); "
       f"load average {load0[0]:.2f} -> {load1[0]:.2f}.", "",
       f"Input [{a.batch}, {a.grid}, {a.grid}, {a.grid}, {a.in_channels}], {a.kernel}^3 kernel "
-      f"-> {a.out} channels, \"SAME\", stride 1. jaxsurv programs interleaved, {a.reps} reps "
-      "each; torch eager NCDHW in its own process. Gradients: of sum(tanh(y) * g) with respect "
-      "to the input and the kernel (the forward included).", "",
+      f"-> {a.out} channels, \"SAME\", stride {a.stride}. jaxsurv programs interleaved, "
+      f"{a.reps} reps each (\", eigen\": every convolution on Eigen, else XLA's own choice of "
+      "YNNPACK or Eigen); torch eager NCDHW in its own process. Gradients: of "
+      "sum(tanh(y) * g) with respect to the input and the kernel (the forward included).", "",
       table(rows), ""])
   print(text)
   if a.write_results:

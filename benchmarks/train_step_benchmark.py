@@ -46,6 +46,9 @@ Commands::
   # DenseNet-121 on a noisy shared VM: 3 alternating jaxsurv/torch rounds
   # of 11 timed steps each, pooled (one cold compile):
   python benchmarks/train_step_benchmark.py --config paper --rounds 3 --steps 11
+  # The CPU 2D convolutions on Eigen and on YNNPACK (config.xla_cpu_convolutions
+  # "eigen" / "xla"; the "conv" column), one jaxsurv row each:
+  python benchmarks/train_step_benchmark.py --config paper --augment off --cpu-convs eigen xla
   # RESULTS.md: also on 1 core (steadier on a shared machine; twice as long):
   python benchmarks/train_step_benchmark.py --cores 2 1 --write-results
   # GPU host (jax 0.11 / Python 3.12 work unchanged): smoke test first,
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -147,7 +151,7 @@ def _random_batch_np(seed: int, batch: int, grid: int, n_outcomes: int = 2) -> d
 
 
 def _load_config(name: str, grid: int | None, batch: int | None, augment: bool, dtype: str,
-                 conv_impl: str | None = None):
+                 conv_impl: str | None = None, cpu_convs: str | None = None):
   """configs/mmnn.py (``local`` or the paper default) with benchmark overrides."""
   from configs import mmnn
   config = mmnn.get_config("local" if name == "local" else None)
@@ -159,6 +163,8 @@ def _load_config(name: str, grid: int | None, batch: int | None, augment: bool, 
   config.dtype = dtype
   if conv_impl is not None:
     config.model.image.conv_impl = conv_impl
+  if cpu_convs is not None:
+    config.xla_cpu_convolutions = cpu_convs
   return config
 
 
@@ -211,9 +217,10 @@ def _resolve_defaults(spec: dict, backend: str) -> dict:
     spec["grid"] = spec["grid"] or 32
     spec["batch"] = spec["batch"] or 2
   config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
-                        spec["dtype"], spec.get("conv_impl"))
+                        spec["dtype"], spec.get("conv_impl"), spec.get("cpu_convs"))
   spec["grid"] = config.data.preprocess.grid[0]
   spec["batch"] = config.batch_size
+  spec["cpu_convs"] = config.get("xla_cpu_convolutions", "xla")
   return spec
 
 
@@ -246,7 +253,7 @@ def jax_worker(spec: dict) -> dict:
 
   spec = _resolve_defaults(spec, jax.default_backend())
   config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
-                        spec["dtype"], spec.get("conv_impl"))
+                        spec["dtype"], spec.get("conv_impl"), spec.get("cpu_convs"))
   n_dev = len(jax.devices())
   if config.batch_size % n_dev:
     raise ValueError(f"batch {config.batch_size} must be divisible by the {n_dev} devices")
@@ -333,7 +340,7 @@ def torch_worker(spec: dict) -> dict:
   import torch_reference as ref
 
   config = _load_config(spec["config"], spec["grid"], spec["batch"], spec["augment"],
-                        spec["dtype"], spec.get("conv_impl"))
+                        spec["dtype"], spec.get("conv_impl"), spec.get("cpu_convs"))
   torch.manual_seed(config.seed)
   torch.set_num_threads(cores)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -434,6 +441,12 @@ def _fmt(x, spec=".2f", scale=1.0):
   return "–" if x is None else format(x * scale, spec)
 
 
+def _conv_label(row: dict) -> str:
+  """The "conv" column: DenseNet3D conv_impl, then the CPU convolution library."""
+  library = (row.get("jaxsurv") or {}).get("spec", {}).get("cpu_convs")
+  return row.get("conv_impl", "native") + (f", {library}" if library else "")
+
+
 def markdown_table(rows: list[dict]) -> str:
   """One row per setting; step times as "median (min)" in ms."""
   lines = ["| config | grid | batch | augment | dtype | cores | conv | jaxsurv trace+lower s | jaxsurv compile s | "
@@ -449,7 +462,7 @@ def markdown_table(rows: list[dict]) -> str:
                       f"({_fmt(d.get('step_s_min'), '.0f', 1e3)})")
     lines.append(
         f"| {r['config']} | {r['grid']}^3 | {r['batch']} | {'on' if r['augment'] else 'off'} | "
-        f"{r['dtype']} | {r.get('cores', '–')} | {r.get('conv_impl', 'native')} | "
+        f"{r['dtype']} | {r.get('cores', '–')} | {_conv_label(r)} | "
         f"{_fmt(j.get('lower_s'), '.1f')} | {_fmt(j.get('compile_s'), '.1f')} | "
         f"{step(j)} | {_fmt(j.get('samples_per_s'), '.2f')} | "
         f"{_fmt(mem_j, '.0f')} | {_fmt(j.get('xla_temp_mib'), '.0f')} | "
@@ -623,6 +636,10 @@ def main(argv=None) -> int:
   p.add_argument("--conv-impl", nargs="+", choices=["auto", "native", "slices"],
                  default=["auto"], help="jaxsurv's 3^3 convolutions (DenseNet3D conv_impl); "
                  "several: one jaxsurv row each against the same torch run")
+  p.add_argument("--cpu-convs", nargs="+", choices=["config", "xla", "eigen"],
+                 default=["config"], help="library of the CPU 2D convolutions "
+                 "(config.xla_cpu_convolutions; 'config': the config's own); several: one "
+                 "jaxsurv row each against the same torch run")
   p.add_argument("--pipeline-patients", type=int, default=512)
   p.add_argument("--pipeline-batches", type=int, default=100)
   p.add_argument("--compile-cache", default=None, help="use this persistent compilation cache")
@@ -667,12 +684,13 @@ def main(argv=None) -> int:
     for cores in args.cores:
       for dtype in args.dtype:
         for aug in augs:
-          t = None  # One torch run per setting, shared by the conv_impl rows.
-          for impl in args.conv_impl:
+          t = None  # One torch run per setting, shared by the conv_impl/cpu_convs rows.
+          for impl, convs in itertools.product(args.conv_impl, args.cpu_convs):
             spec = {"config": name, "grid": args.grid, "batch": args.batch, "augment": aug,
                     "dtype": dtype, "warmup": warmup, "steps": steps, "cores": cores,
                     "compile_cache": args.compile_cache,
-                    "torch_channels_last": args.torch_channels_last, "conv_impl": impl}
+                    "torch_channels_last": args.torch_channels_last, "conv_impl": impl,
+                    "cpu_convs": None if convs == "config" else convs}
             if args.rounds > 1:  # Interleaved rounds, pooled (see --rounds).
               spec["compile_cache"] = args.compile_cache or tempfile.mkdtemp(dir=tmp_cache.name)
               js, ts = [], []

@@ -19,8 +19,8 @@ import train_step_benchmark  # pylint: disable=wrong-import-position
 
 
 def test_conv_benchmark_times_every_implementation_against_native():
-  a = argparse.Namespace(batch=1, grid=3, in_channels=2, out=3, kernel=3, reps=2,
-                         impls=["native", "slices", "cols", "auto"])
+  a = argparse.Namespace(batch=1, grid=3, in_channels=2, out=3, kernel=3, stride=1, reps=2,
+                         impls=["native", "slices", "cols", "auto"], cpu_convs=["xla"])
   rows = conv_benchmark.jax_rows(a)
   assert [r["impl"] for r in rows] == a.impls
   assert rows[0]["max_rel_diff"] == 0.0
@@ -30,6 +30,15 @@ def test_conv_benchmark_times_every_implementation_against_native():
       assert 0 < r[part]["p25_ms"] <= r[part]["median_ms"]
   table = conv_benchmark.table(rows)
   assert table.count("\n") == 1 + len(rows) and "| cols |" in table
+
+
+def test_conv_benchmark_rows_per_cpu_convolution_library_and_stride():
+  # 24 -> 20 channels: XLA's own choice is YNNPACK, "eigen" moves it to Eigen.
+  a = argparse.Namespace(batch=1, grid=5, in_channels=24, out=20, kernel=3, stride=2, reps=2,
+                         impls=["native", "slices"], cpu_convs=["xla", "eigen"])
+  rows = conv_benchmark.jax_rows(a)
+  assert [r["impl"] for r in rows] == ["native", "native, eigen", "slices", "slices, eigen"]
+  assert all(r["max_rel_diff"] < 1e-5 for r in rows)
 
 
 def test_pool_rounds_pools_the_steps_and_keeps_the_cold_round():
