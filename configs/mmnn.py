@@ -112,7 +112,7 @@ def get_config(arg=None):
       hidden_sizes=(32, 16, 8, 8, 8), features=12, dropout_rate=0.2, norm="batch"))
   c.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters.
   # Which library runs the CPU 2D convolutions (jaxsurv.models.conv): "eigen"
-  # for DenseNet-121, whose step it ran 5-7% faster than YNNPACK (XLA's own
+  # for DenseNet-121, whose step it ran 0-7% faster than YNNPACK (XLA's own
   # choice, "xla") at 32^3, batch 2, on 2 cores; no effect on GPU.
   c.xla_cpu_convolutions = "eigen"
 

@@ -40,11 +40,11 @@ convolutions in ``NHWC``/``HWIO`` layout with more than 16 channels to
 YNNPACK ("library fusions"), the other convolutions to Eigen.
 ``cpu_compiler_options("eigen")`` keeps every convolution on Eigen (dots and
 reductions stay on YNNPACK); the trainer passes it to ``jax.jit`` when the
-config says ``xla_cpu_convolutions="eigen"``. On 2 cores Eigen ran the
-DenseNet-121 stem and block-1 convolutions of a 32^3 input at batch 2 about
-1.5x faster than YNNPACK (YNNPACK used one thread for them), and the whole
-step 5-7% faster; at the ``local`` config's shapes YNNPACK was 0-5% faster
-(``benchmarks/RESULTS.md``).
+config says ``xla_cpu_convolutions="eigen"``. On 2 cores, for DenseNet-121
+at a 32^3 input and batch 2, Eigen ran the block-1 convolution (forward +
+gradients) 1.5x and the stem 1.2x faster than YNNPACK, which used one thread
+for them, and the whole step 0-7% faster (three runs). At the ``local``
+config's shapes YNNPACK was 0-5% faster (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
