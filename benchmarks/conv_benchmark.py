@@ -81,11 +81,11 @@ def jax_rows(a) -> list[dict]:
   shape = (a.batch, a.grid, a.grid, a.grid, a.in_channels)
   x = jax.random.normal(jax.random.key(0), shape)
   kernel = 0.05 * jax.random.normal(jax.random.key(1), (a.kernel,) * 3 + (a.in_channels, a.out))
-  names = [impl if lib == "xla" else f"{impl}, {lib}"
-           for impl in a.impls for lib in a.cpu_convs]
+  variants = [(impl if lib == "xla" else f"{impl}, {lib}", impl, lib)
+              for impl in a.impls for lib in a.cpu_convs]
+  names = [name for name, _, _ in variants]
   fns, outs = {}, {}
-  for name in names:
-    impl, lib = (name.split(", ") + ["xla"])[:2]
+  for name, impl, lib in variants:
     conv = Conv3D(a.out, (a.kernel,) * 3, strides=(a.stride,) * 3, use_bias=False, impl=impl)
 
     def fwd(x, k, conv=conv):
@@ -96,8 +96,9 @@ def jax_rows(a) -> list[dict]:
     def grads(x, k, fwd=fwd, g=g):
       return jax.grad(lambda x, k: jnp.sum(jnp.tanh(fwd(x, k)) * g), (0, 1))(x, k)
 
-    jit = lambda f, lib=lib: jax.jit(f, compiler_options=cpu_compiler_options(lib) or None)
-    fns[f"{name} fwd"], fns[f"{name} grads"] = jit(fwd), jit(grads)
+    opts = cpu_compiler_options(lib) or None
+    fns[f"{name} fwd"] = jax.jit(fwd, compiler_options=opts)
+    fns[f"{name} grads"] = jax.jit(grads, compiler_options=opts)
     outs[name] = (fns[f"{name} fwd"](x, kernel), *fns[f"{name} grads"](x, kernel))
   ref = outs.get("native", outs[names[0]])
   times = _times_ms(fns, (x, kernel), a.reps, jax.block_until_ready)

@@ -241,8 +241,9 @@ def test_trainer_step_is_the_same_on_either_cpu_convolution_library():
     params0 = jax.device_get(state.params)
     batch = trainer.batch(part, np.arange(b), b)
     args = (batch, jax.random.key(1), jnp.float32(1e-2), jnp.array([0.5, 0.3, 0.2]))
-    hlo[library] = trainer.train_step.lower(state, *args).compile().as_text()
-    out[library] = jax.device_get(trainer.train_step(state, *args))
+    step = trainer.train_step.lower(state, *args).compile()
+    hlo[library] = step.as_text()
+    out[library] = jax.device_get(step(state, *args))
   assert _ynn_convolutions(hlo["xla"]) > 0 and _ynn_convolutions(hlo["eigen"]) == 0
   (s_x, m_x), (s_e, m_e) = out["xla"], out["eigen"]
   np.testing.assert_allclose(m_e["loss"], m_x["loss"], rtol=1e-5)
