@@ -27,6 +27,7 @@ Commands::
   python benchmarks/conv_benchmark.py                   # block 1 of DenseNet-121 at 32^3
   python benchmarks/conv_benchmark.py --grid 24 --batch 32 --in 8 --out 4   # local config
   python benchmarks/conv_benchmark.py --grid 32 --in 2 --out 64 --kernel 7 --stride 2  # stem
+  python benchmarks/conv_benchmark.py --gemm            # and its im2col product alone
   python benchmarks/conv_benchmark.py --write-results   # replace its RESULTS.md section
 
 Extras: torch (``pip install -r benchmarks/requirements.txt``); without it
@@ -101,6 +102,8 @@ def jax_rows(a) -> list[dict]:
     fns[f"{name} grads"] = jax.jit(grads, compiler_options=opts)
     outs[name] = (fns[f"{name} fwd"](x, kernel), *fns[f"{name} grads"](x, kernel))
   ref = outs.get("native", outs[names[0]])
+  if getattr(a, "gemm", False):
+    fns.update(_gemm_fns(a, jax, jnp))
   times = _times_ms(fns, (x, kernel), a.reps, jax.block_until_ready)
   rows = []
   for name in names:
@@ -110,7 +113,33 @@ def jax_rows(a) -> list[dict]:
       raise AssertionError(f"{name}: relative difference {err:.2e} from the reference")
     rows.append({"impl": name, "fwd": times[f"{name} fwd"], "grads": times[f"{name} grads"],
                  "max_rel_diff": err})
+  if getattr(a, "gemm", False):
+    rows.append({"impl": f"{GEMM} {_gemm_shape(a)}", "fwd": times[f"{GEMM} fwd"],
+                 "grads": times[f"{GEMM} grads"]})
   return rows
+
+
+GEMM = "im2col product alone"
+
+
+def _gemm_shape(a) -> tuple[int, int, int]:
+  """``(M, K, N)`` of the convolution as one matrix product over im2col columns:
+  output voxels x (kernel taps * input channels) x output channels."""
+  n_out = (a.grid + 2 * (a.kernel // 2) - a.kernel) // a.stride + 1
+  return a.batch * n_out ** 3, a.kernel ** 3 * a.in_channels, a.out
+
+
+def _gemm_fns(a, jax, jnp) -> dict:
+  """The convolution's im2col product on ready-made columns, forward and
+  forward + gradients, ignoring the (x, kernel) arguments: what XLA's matrix
+  product reaches at the convolution's shape, without building the columns."""
+  m, k, n = _gemm_shape(a)
+  cols = jax.random.normal(jax.random.key(3), (m, k))
+  w = 0.05 * jax.random.normal(jax.random.key(4), (k, n))
+  g = jax.random.normal(jax.random.key(5), (m, n))
+  fwd = jax.jit(lambda c, w: c @ w)
+  grads = jax.jit(jax.grad(lambda c, w: jnp.sum(jnp.tanh(c @ w) * g), (0, 1)))
+  return {f"{GEMM} fwd": lambda *_: fwd(cols, w), f"{GEMM} grads": lambda *_: grads(cols, w)}
 
 
 def torch_worker(a) -> dict:
@@ -133,16 +162,35 @@ def torch_worker(a) -> dict:
     y = torch.nn.functional.conv3d(x, w, stride=a.stride, padding=pad)
     return torch.autograd.grad((torch.tanh(y) * g).sum(), (x, w))
 
-  times = _times_ms({"fwd": fwd, "grads": grads}, (), a.reps, lambda _: None)
-  return {"impl": f"torch {torch.__version__}", "fwd": times["fwd"], "grads": times["grads"],
-          "threads": torch.get_num_threads()}
+  fns = {"fwd": fwd, "grads": grads}
+  if a.gemm:
+    m, k, n = _gemm_shape(a)
+    cols = torch.randn(m, k, requires_grad=True)
+    wm = (0.05 * torch.randn(k, n)).requires_grad_(True)
+    gm = torch.randn(m, n)
+
+    def gemm_fwd():
+      with torch.no_grad():
+        return cols @ wm
+
+    def gemm_grads():
+      return torch.autograd.grad((torch.tanh(cols @ wm) * gm).sum(), (cols, wm))
+
+    fns.update({"gemm fwd": gemm_fwd, "gemm grads": gemm_grads})
+  times = _times_ms(fns, (), a.reps, lambda _: None)
+  rows = [{"impl": f"torch {torch.__version__}", "fwd": times["fwd"], "grads": times["grads"],
+           "threads": torch.get_num_threads()}]
+  if a.gemm:
+    rows.append({"impl": f"torch {GEMM} {_gemm_shape(a)}", "fwd": times["gemm fwd"],
+                 "grads": times["gemm grads"]})
+  return rows
 
 
-def _torch_row(argv: list[str]) -> dict | None:
-  row, why = common.run_worker(__file__, [*argv, "--worker"], tail_lines=1)
+def _torch_rows(argv: list[str]) -> list[dict]:
+  rows, why = common.run_worker(__file__, [*argv, "--worker"], tail_lines=1)
   if why:
     print(f"torch worker {why}", file=sys.stderr)
-  return row
+  return rows or []
 
 
 def table(rows: list[dict]) -> str:
@@ -168,6 +216,9 @@ def main(argv=None) -> int:
   p.add_argument("--cpu-convs", nargs="+", default=["xla", "eigen"], choices=["xla", "eigen"],
                  help="library of XLA's CPU 2D convolutions, per implementation")
   p.add_argument("--reps", type=int, default=60)
+  p.add_argument("--gemm", action="store_true",
+                 help="also time the convolution's im2col matrix product alone "
+                      "([out voxels, taps * in] x [taps * in, out], columns ready-made)")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--write-results", action="store_true")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -181,9 +232,7 @@ def main(argv=None) -> int:
   load0 = os.getloadavg()
   rows = jax_rows(a)
   if not a.no_torch:
-    t = _torch_row([s for s in argv if s != "--write-results"])
-    if t:
-      rows.append(t)
+    rows += _torch_rows([s for s in argv if s != "--write-results"])
   load1 = os.getloadavg()
   import jax
   command = "python benchmarks/conv_benchmark.py " + " ".join(argv)
@@ -196,7 +245,10 @@ def main(argv=None) -> int:
       f"-> {a.out} channels, \"SAME\", stride {a.stride}. jaxsurv programs interleaved, "
       f"{a.reps} reps each (\", eigen\": every convolution on Eigen, else XLA's own choice of "
       "YNNPACK or Eigen); torch eager NCDHW in its own process. Gradients: of "
-      "sum(tanh(y) * g) with respect to the input and the kernel (the forward included).", "",
+      "sum(tanh(y) * g) with respect to the input and the kernel (the forward included)."
+      + (f" \"{GEMM} (M, K, N)\": the convolution as one [M, K] x [K, N] matrix product "
+         "on ready-made random columns (no im2col), gradients with respect to both factors; "
+         "a bound for any im2col formulation." if a.gemm else ""), "",
       table(rows), ""])
   print(text)
   if a.write_results:

@@ -1,6 +1,7 @@
 """The CPU benchmark scripts' own logic at tiny shapes: the per-implementation
-convolution timer (benchmarks/conv_benchmark.py) and the pooling of interleaved
-rounds in the train-step benchmark (benchmarks/train_step_benchmark.py)."""
+convolution timer (benchmarks/conv_benchmark.py), the pooling of interleaved
+rounds in the train-step benchmark (benchmarks/train_step_benchmark.py) and
+the encoder-by-depth rows (benchmarks/densenet_stage_benchmark.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import conv_benchmark  # pylint: disable=wrong-import-position
+import densenet_stage_benchmark  # pylint: disable=wrong-import-position
 import train_step_benchmark  # pylint: disable=wrong-import-position
 
 
@@ -41,6 +43,17 @@ def test_conv_benchmark_rows_per_cpu_convolution_library_and_stride():
   assert all(r["max_rel_diff"] < 1e-5 for r in rows)
 
 
+def test_conv_benchmark_gemm_row_has_the_convolutions_im2col_shape():
+  a = argparse.Namespace(batch=2, grid=4, in_channels=3, out=5, kernel=3, stride=2, reps=2,
+                         impls=["slices"], cpu_convs=["xla"], gemm=True)
+  # Output 2^3 voxels per sample: M = 2 * 8, K = 27 taps * 3 channels, N = 5.
+  assert conv_benchmark._gemm_shape(a) == (16, 81, 5)
+  rows = conv_benchmark.jax_rows(a)
+  assert [r["impl"] for r in rows] == ["slices", "im2col product alone (16, 81, 5)"]
+  assert "max_rel_diff" not in rows[1] and rows[1]["grads"]["median_ms"] > 0
+  assert "| im2col product alone (16, 81, 5) |" in conv_benchmark.table(rows)
+
+
 def test_pool_rounds_pools_the_steps_and_keeps_the_cold_round():
   def result(times, compile_s):
     return {"spec": {"batch": 4}, "compile_s": compile_s, **train_step_benchmark._stats(times)}
@@ -54,3 +67,43 @@ def test_pool_rounds_pools_the_steps_and_keeps_the_cold_round():
   assert out["samples_per_s"] == pytest.approx(4 / statistics.median(pooled))
   failed = {"error": "jax worker timed out"}
   assert train_step_benchmark.pool_rounds([rounds[0], failed]) is failed
+
+
+def test_stage_benchmark_prefixes_are_positive_layer_counts():
+  assert densenet_stage_benchmark.parse_prefix("6,12") == (6, 12)
+  for bad in ("", "6,", "0", "6,-1", "a"):
+    with pytest.raises(ValueError, match="prefix"):
+      densenet_stage_benchmark.parse_prefix(bad)
+
+
+def test_stage_benchmark_pools_rounds_into_ratios_and_increments():
+  a, b = (1,), (1, 1)
+  jax_rounds = [{a: [0.010, 0.030], b: [0.040]}, {a: [0.020], b: [0.050, 0.060]}]
+  torch_rounds = [{a: [0.010], b: [0.020]}, {a: [0.010], b: [0.030]}]
+  rows = densenet_stage_benchmark.pooled_rows([a, b], jax_rounds, torch_rounds)
+  assert rows[0]["jaxsurv"]["median_ms"] == pytest.approx(20.0)
+  assert rows[0]["ratio"] == pytest.approx(2.0) and "increment_ms" not in rows[0]["jaxsurv"]
+  assert rows[1]["jaxsurv"]["median_ms"] == pytest.approx(50.0)
+  assert rows[1]["torch"]["median_ms"] == pytest.approx(25.0)
+  assert rows[1]["jaxsurv"]["increment_ms"] == pytest.approx(30.0)
+  assert rows[1]["torch"]["increment_ms"] == pytest.approx(15.0)
+  assert rows[1]["increment_ratio"] == pytest.approx(2.0)
+  # Without torch rounds: jaxsurv columns only.
+  alone = densenet_stage_benchmark.pooled_rows([a, b], jax_rounds, [])
+  assert "torch" not in alone[1] and "ratio" not in alone[1]
+  text = densenet_stage_benchmark.table(rows + alone)
+  assert text.count("\n") == 1 + 4 and "| 1,1 | 50.0 (40.0) | 25.0 (20.0) | 2.00 | +30.0 |" in text
+
+
+def test_stage_benchmark_times_the_jaxsurv_encoder_per_prefix():
+  small = dict(init_features=4, growth_rate=2, bn_size=2)
+  prefixes = [(1,), (1, 1)]
+  fns = densenet_stage_benchmark.jax_programs(prefixes, grid=9, batch=2, cpu_convs="eigen",
+                                              model_kwargs=small)
+  times = densenet_stage_benchmark._interleaved_s(fns, reps=2)
+  assert set(times) == set(prefixes) and all(len(v) == 2 and min(v) > 0 for v in times.values())
+  pytest.importorskip("torch")
+  tfns = densenet_stage_benchmark.torch_programs(prefixes, grid=9, batch=2, model_kwargs=small)
+  ttimes = densenet_stage_benchmark._interleaved_s(tfns, reps=2)
+  rows = densenet_stage_benchmark.pooled_rows(prefixes, [times], [ttimes])
+  assert all(r["ratio"] > 0 for r in rows)
