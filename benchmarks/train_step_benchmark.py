@@ -190,6 +190,10 @@ def _pin_cores(spec: dict) -> int:
   torch gets the same number of threads, so both frameworks run on the same
   cores. Returns the number of usable CPUs.
   """
+  # --malloc reuse: both frameworks get jaxsurv.malloc's settings (as a jaxsurv
+  # command with JAXSURV_MALLOC=reuse), before their threads start.
+  from jaxsurv import malloc
+  malloc.reuse_freed_memory({malloc.ENV: spec.get("malloc", "default")})
   allowed = sorted(os.sched_getaffinity(0))
   cores = spec.get("cores") or len(allowed)
   if cores < len(allowed):
@@ -557,6 +561,9 @@ def section_text(rows, pipe, notes, meta) -> str:
       "`torch.set_num_threads` = the row's cores).",
       "* Cores: each measurement runs in its own process pinned (CPU affinity) to the row's "
       "number of cores; XLA sizes its CPU thread pool from them.",
+      f"* Allocator: glibc malloc `{meta.get('malloc', 'default')}` in both frameworks' "
+      "processes (`default`: glibc's own settings; `reuse`: "
+      "`jaxsurv.malloc.reuse_freed_memory`, as a jaxsurv command with JAXSURV_MALLOC=reuse).",
       f"* Command: `{meta['command']}`",
       "* Load average (1, 5, 15 min): start " + ", ".join(f"{x:.2f}" for x in la0)
       + "; end " + ", ".join(f"{x:.2f}" for x in la1) + "."
@@ -640,6 +647,9 @@ def main(argv=None) -> int:
                  default=["config"], help="library of the CPU 2D convolutions "
                  "(config.xla_cpu_convolutions; 'config': the config's own); several: one "
                  "jaxsurv row each against the same torch run")
+  p.add_argument("--malloc", choices=["default", "reuse"], default="default",
+                 help="glibc malloc settings in both frameworks' worker processes: glibc's "
+                 "defaults, or 'reuse' (jaxsurv.malloc, as JAXSURV_MALLOC=reuse)")
   p.add_argument("--pipeline-patients", type=int, default=512)
   p.add_argument("--pipeline-batches", type=int, default=100)
   p.add_argument("--compile-cache", default=None, help="use this persistent compilation cache")
@@ -662,7 +672,8 @@ def main(argv=None) -> int:
   if args.device_check:
     args.config, args.augment, args.warmup, args.steps = ["local"], "on", 1, 2
     args.pipeline_batches = 10
-  meta = {"cpu": _cpu_model(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg(),
+  meta = {"malloc": args.malloc, "cpu": _cpu_model(), "cores": os.cpu_count(),
+          "loadavg_start": os.getloadavg(),
           "command": "python benchmarks/train_step_benchmark.py "
                      + " ".join(sys.argv[1:] if argv is None else argv)}
   print(f"load average at start: {meta['loadavg_start']}", flush=True)
@@ -690,7 +701,8 @@ def main(argv=None) -> int:
                     "dtype": dtype, "warmup": warmup, "steps": steps, "cores": cores,
                     "compile_cache": args.compile_cache,
                     "torch_channels_last": args.torch_channels_last, "conv_impl": impl,
-                    "cpu_convs": None if convs == "config" else convs}
+                    "cpu_convs": None if convs == "config" else convs,
+                    "malloc": args.malloc}
             if args.rounds > 1:  # Interleaved rounds, pooled (see --rounds).
               spec["compile_cache"] = args.compile_cache or tempfile.mkdtemp(dir=tmp_cache.name)
               js, ts = [], []

@@ -35,7 +35,7 @@ from typing import Any, Callable, NoReturn, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
-from jaxsurv import distributed
+from jaxsurv import distributed, malloc
 from jaxsurv.errors import TrainingError, UserError
 
 EXIT_USER_ERROR = 2
@@ -208,6 +208,8 @@ def _run_main(main: Callable[..., Any], flag_values: flags.FlagValues | None,
   setup_compilation_cache(flags.FLAGS["compilation_cache"].value)
 
   def start(*args):
+    # Before JAX starts its threads (opt-in, JAXSURV_MALLOC=reuse).
+    malloc.reuse_freed_memory()
     # Before any JAX computation: a multi-process run connects first.
     distributed.initialize_from_flags(flags.FLAGS)
     return main(*args)
@@ -225,7 +227,8 @@ def run(main: Callable[..., Any], *, define_flags: DefineFlags | None = None,
   run connects its processes first (``jaxsurv.distributed``: the
   ``--distributed``, ``--coordinator_address``, ``--num_processes``,
   ``--process_id``, ``--distributed_timeout`` and ``--heartbeat_timeout``
-  flags of every command).
+  flags of every command); with ``JAXSURV_MALLOC=reuse`` glibc's malloc
+  keeps freed memory for reuse (``jaxsurv.malloc``).
 
   Args:
     main: without ``define_flags``, ``main(argv)`` reading flags the caller
