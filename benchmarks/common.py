@@ -6,9 +6,11 @@ import json
 import pathlib
 import platform
 import re
+import statistics
 import subprocess
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A worker process prints its result as one line: RESULT_TAG + JSON.
@@ -34,6 +36,32 @@ def run_worker(script: str, args: list[str], timeout: float | None = None,
       return json.loads(line[len(RESULT_TAG):]), None
   tail = (proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:]
   return None, f"exited {proc.returncode}: " + " | ".join(tail)
+
+
+def interleaved_s(fns: dict, reps: int, args: tuple = (),
+                  block: Callable[[Any], Any] = lambda _: None) -> dict:
+  """Seconds per call of each ``fns`` entry: each runs once untimed, then
+  ``reps`` rounds call every entry once (``block(fn(*args))``), so a slow
+  spell of a shared machine falls on all of them.
+
+  Returns:
+    ``{name: [seconds, ...]}`` (``reps`` values each).
+  """
+  for fn in fns.values():
+    block(fn(*args))
+  out = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      block(fn(*args))
+      out[name].append(time.perf_counter() - t)
+  return out
+
+
+def summary_ms(seconds) -> dict:
+  """``{"median_ms", "p25_ms"}`` of a non-empty list of seconds."""
+  v = sorted(seconds)
+  return {"median_ms": statistics.median(v) * 1e3, "p25_ms": v[len(v) // 4] * 1e3}
 
 
 def cpu_model() -> str:

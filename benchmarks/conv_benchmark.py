@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -57,19 +56,8 @@ RESULT_TAG = common.RESULT_TAG
 
 def _times_ms(fns: dict, args: tuple, reps: int, block) -> dict:
   """Median and 25th percentile (ms) of each ``fns`` entry, run interleaved."""
-  for fn in fns.values():
-    block(fn(*args))
-  ts = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      block(fn(*args))
-      ts[name].append(time.perf_counter() - t)
-  out = {}
-  for name, v in ts.items():
-    v = sorted(v)
-    out[name] = {"median_ms": statistics.median(v) * 1e3, "p25_ms": v[len(v) // 4] * 1e3}
-  return out
+  return {name: common.summary_ms(v)
+          for name, v in common.interleaved_s(fns, reps, args, block).items()}
 
 
 def jax_rows(a) -> list[dict]:
@@ -102,7 +90,8 @@ def jax_rows(a) -> list[dict]:
     fns[f"{name} grads"] = jax.jit(grads, compiler_options=opts)
     outs[name] = (fns[f"{name} fwd"](x, kernel), *fns[f"{name} grads"](x, kernel))
   ref = outs.get("native", outs[names[0]])
-  if getattr(a, "gemm", False):
+  gemm = getattr(a, "gemm", False)
+  if gemm:
     fns.update(_gemm_fns(a, jax, jnp))
   times = _times_ms(fns, (x, kernel), a.reps, jax.block_until_ready)
   rows = []
@@ -113,7 +102,7 @@ def jax_rows(a) -> list[dict]:
       raise AssertionError(f"{name}: relative difference {err:.2e} from the reference")
     rows.append({"impl": name, "fwd": times[f"{name} fwd"], "grads": times[f"{name} grads"],
                  "max_rel_diff": err})
-  if getattr(a, "gemm", False):
+  if gemm:
     rows.append({"impl": f"{GEMM} {_gemm_shape(a)}", "fwd": times[f"{GEMM} fwd"],
                  "grads": times[f"{GEMM} grads"]})
   return rows

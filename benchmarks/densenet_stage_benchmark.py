@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -74,19 +73,6 @@ def parse_prefix(text: str) -> tuple[int, ...]:
 def _input(batch: int, grid: int):
   import numpy as np
   return np.random.default_rng(0).standard_normal((batch, grid, grid, grid, 2), np.float32)
-
-
-def _interleaved_s(fns: dict, reps: int) -> dict:
-  """Seconds per call of each ``fns`` entry (each run once first, untimed), interleaved."""
-  for fn in fns.values():
-    fn()
-  out = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      out[name].append(time.perf_counter() - t)
-  return out
 
 
 def jax_programs(prefixes, grid: int, batch: int, cpu_convs: str = "xla",
@@ -153,10 +139,9 @@ def pooled_rows(prefixes, jax_rounds: list[dict], torch_rounds: list[dict]) -> l
   for blocks in prefixes:
     row = {"blocks": blocks}
     for name, rounds in (("jaxsurv", jax_rounds), ("torch", torch_rounds)):
-      times = sorted(t for r in rounds for t in r[blocks])
+      times = [t for r in rounds for t in r[blocks]]
       if times:
-        row[name] = {"median_ms": statistics.median(times) * 1e3,
-                     "p25_ms": times[len(times) // 4] * 1e3}
+        row[name] = common.summary_ms(times)
         if prev is not None and name in prev:
           row[name]["increment_ms"] = row[name]["median_ms"] - prev[name]["median_ms"]
     if "jaxsurv" in row and "torch" in row:
@@ -213,7 +198,7 @@ def main(argv=None) -> int:
   if min(a.batch, a.grid, a.reps, a.rounds) < 1:
     p.error("--batch, --grid, --reps and --rounds must be positive")
   if a.worker:
-    times = _interleaved_s(torch_programs(prefixes, a.grid, a.batch), a.reps)
+    times = common.interleaved_s(torch_programs(prefixes, a.grid, a.batch), a.reps)
     print(RESULT_TAG + json.dumps({",".join(map(str, k)): v for k, v in times.items()}),
           flush=True)
     return 0
@@ -222,7 +207,7 @@ def main(argv=None) -> int:
   worker_argv = [s for s in argv if s != "--write-results"]
   jax_rounds, torch_rounds = [], []
   for _ in range(a.rounds):
-    jax_rounds.append(_interleaved_s(jax_fns, a.reps))
+    jax_rounds.append(common.interleaved_s(jax_fns, a.reps))
     if not a.no_torch:
       t = _torch_round(worker_argv)
       if t:

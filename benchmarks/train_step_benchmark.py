@@ -188,10 +188,11 @@ def _pin_cores(spec: dict) -> int:
 
   XLA sizes its CPU thread pool from the CPUs the process may use, and
   torch gets the same number of threads, so both frameworks run on the same
-  cores. Returns the number of usable CPUs.
+  cores. With ``spec["malloc"] == "reuse"`` it also applies
+  ``jaxsurv.malloc.reuse_freed_memory`` (as a jaxsurv command with
+  ``JAXSURV_MALLOC=reuse``), which must come before the frameworks' threads
+  start. Returns the number of usable CPUs.
   """
-  # --malloc reuse: both frameworks get jaxsurv.malloc's settings (as a jaxsurv
-  # command with JAXSURV_MALLOC=reuse), before their threads start.
   from jaxsurv import malloc
   malloc.reuse_freed_memory({malloc.ENV: spec.get("malloc", "default")})
   allowed = sorted(os.sched_getaffinity(0))

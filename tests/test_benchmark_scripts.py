@@ -15,6 +15,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import common  # pylint: disable=wrong-import-position
 import conv_benchmark  # pylint: disable=wrong-import-position
 import densenet_stage_benchmark  # pylint: disable=wrong-import-position
 import train_step_benchmark  # pylint: disable=wrong-import-position
@@ -100,10 +101,10 @@ def test_stage_benchmark_times_the_jaxsurv_encoder_per_prefix():
   prefixes = [(1,), (1, 1)]
   fns = densenet_stage_benchmark.jax_programs(prefixes, grid=9, batch=2, cpu_convs="eigen",
                                               model_kwargs=small)
-  times = densenet_stage_benchmark._interleaved_s(fns, reps=2)
+  times = common.interleaved_s(fns, reps=2)
   assert set(times) == set(prefixes) and all(len(v) == 2 and min(v) > 0 for v in times.values())
   pytest.importorskip("torch")
   tfns = densenet_stage_benchmark.torch_programs(prefixes, grid=9, batch=2, model_kwargs=small)
-  ttimes = densenet_stage_benchmark._interleaved_s(tfns, reps=2)
+  ttimes = common.interleaved_s(tfns, reps=2)
   rows = densenet_stage_benchmark.pooled_rows(prefixes, [times], [ttimes])
   assert all(r["ratio"] > 0 for r in rows)
