@@ -75,12 +75,31 @@ def cpu_model() -> str:
   return platform.processor() or "unknown CPU"
 
 
+def _subsections(body: str) -> list[tuple[str, str]]:
+  """``(title, text)`` of each ``### `` subsection of a section's text, in order."""
+  parts = re.split(r"^(?=### )", body, flags=re.M)
+  return [(part.split("\n", 1)[0][4:].strip(), part) for part in parts if part.startswith("### ")]
+
+
 def write_section(path: pathlib.Path, section: str, text: str) -> None:
-  """Replaces (or appends) the ``## <section>`` of RESULTS.md, leaving the others alone."""
+  """Replaces (or appends) the ``## <section>`` of RESULTS.md, leaving the others alone.
+
+  Within the section, ``text`` replaces the head (the part before the first
+  ``### `` heading) and any ``### `` subsection of the same title; the other
+  subsections of the old section (dated records written by hand or by other
+  commands) are kept, after ``text``. The file is replaced atomically.
+  """
   old = path.read_text() if path.is_file() else "# Benchmark results\n\n"
   pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(old):
-    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
+  match = pattern.search(old)
+  if match:
+    generated = {title for title, _ in _subsections(text)}
+    kept = [part.rstrip("\n") for title, part in _subsections(match.group(0))
+            if title not in generated]
+    body = "\n\n".join([text.rstrip("\n")] + kept) + "\n\n"
+    new = old[:match.start()] + body + old[match.end():]
   else:
     new = old.rstrip("\n") + "\n\n" + text
-  path.write_text(new.rstrip("\n") + "\n")
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(new.rstrip("\n") + "\n")
+  tmp.replace(path)

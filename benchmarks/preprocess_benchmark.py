@@ -19,14 +19,16 @@ import json
 import os
 import pathlib
 import platform
-import re
 import sys
 import time
 
 import SimpleITK as sitk
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from jaxsurv.data import mri  # noqa: E402
+
+import common  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -61,11 +63,7 @@ def _bench(cases, cfg: mri.PreprocessConfig, repeats: int) -> dict:
 
 
 def _write_section(text: str) -> None:
-  old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-  section = "## Preprocessing\n\n" + text.strip() + "\n"
-  pat = re.compile(r"^## Preprocessing\n.*?(?=^## |\Z)", re.S | re.M)
-  new = pat.sub(lambda _: section + "\n", old) if pat.search(old) else old.rstrip() + "\n\n" + section
-  RESULTS.write_text(new.rstrip() + "\n")
+  common.write_section(RESULTS, "Preprocessing", "## Preprocessing\n\n" + text.strip() + "\n")
 
 
 def main(argv=None) -> None:

@@ -35,7 +35,6 @@ import argparse
 import os
 import pathlib
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -49,6 +48,9 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxsurv import metrics  # pylint: disable=g-import-not-at-top
 
@@ -355,17 +357,6 @@ def _torch_threads():
     return "-"
 
 
-def write_section(text: str, path: pathlib.Path) -> None:
-  """Writes or replaces the '## Survival core' section of RESULTS.md, keeping the others."""
-  old = path.read_text() if path.exists() else "# Benchmark results\n"
-  pattern = re.compile(r"^## Survival core\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(old):
-    new = pattern.sub(lambda _: text.rstrip() + "\n\n", old)
-  else:
-    new = old.rstrip() + "\n\n" + text.rstrip() + "\n"
-  path.write_text(new.rstrip() + "\n")
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sizes", default="1e3,1e4,1e5,1e6", help="comma-separated n")
@@ -393,7 +384,7 @@ def main():
   print()
   print(text)
   if args.write_results:
-    write_section(text, REPO / "benchmarks" / "RESULTS.md")
+    common.write_section(REPO / "benchmarks" / "RESULTS.md", "Survival core", text)
     print("wrote benchmarks/RESULTS.md (section 'Survival core')")
 
 

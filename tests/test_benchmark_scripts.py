@@ -108,3 +108,20 @@ def test_stage_benchmark_times_the_jaxsurv_encoder_per_prefix():
   ttimes = common.interleaved_s(tfns, reps=2)
   rows = densenet_stage_benchmark.pooled_rows(prefixes, [times], [ttimes])
   assert all(r["ratio"] > 0 for r in rows)
+
+
+def test_write_section_replaces_the_head_and_keeps_dated_subsections(tmp_path):
+  path = tmp_path / "RESULTS.md"
+  path.write_text("# Benchmark results\n\n## Before\n\nkeep me\n\n"
+                  "## Train step\n\nold table\n\n### A dated record (2026-12-01)\n\nrecord A\n\n"
+                  "### Generated\n\nold generated\n\n## After\n\nkeep me too\n")
+  common.write_section(path, "Train step",
+                       "## Train step\n\nnew table\n\n### Generated\n\nnew generated\n")
+  text = path.read_text()
+  assert "old table" not in text and "old generated" not in text
+  assert text.index("new table") < text.index("new generated") < text.index("record A")
+  assert text.index("## Before") < text.index("## Train step") < text.index("## After")
+  assert "keep me\n" in text and "keep me too" in text
+  assert not (tmp_path / "RESULTS.md.tmp").exists()
+  common.write_section(path, "New", "## New\n\nappended\n")
+  assert path.read_text().rstrip().endswith("appended")
