@@ -188,13 +188,12 @@ def _pin_cores(spec: dict) -> int:
 
   XLA sizes its CPU thread pool from the CPUs the process may use, and
   torch gets the same number of threads, so both frameworks run on the same
-  cores. With ``spec["malloc"] == "reuse"`` it also applies
-  ``jaxsurv.malloc.reuse_freed_memory`` (as a jaxsurv command with
-  ``JAXSURV_MALLOC=reuse``), which must come before the frameworks' threads
-  start. Returns the number of usable CPUs.
+  cores. Unless ``spec["malloc"] == "default"`` it also applies
+  ``jaxsurv.malloc.reuse_freed_memory`` (as a jaxsurv command does), before the
+  frameworks start. Returns the number of usable CPUs.
   """
   from jaxsurv import malloc
-  malloc.reuse_freed_memory({malloc.ENV: spec.get("malloc", "default")})
+  malloc.reuse_freed_memory({malloc.ENV: spec.get("malloc", "reuse")})
   allowed = sorted(os.sched_getaffinity(0))
   cores = spec.get("cores") or len(allowed)
   if cores < len(allowed):
@@ -205,6 +204,9 @@ def _pin_cores(spec: dict) -> int:
 def _jax_setup(spec: dict):
   _pin_cores(spec)
   import jax
+  from jaxsurv import cli
+  # As a jaxsurv command runs it (--cpu_async_dispatch: "async").
+  cli.setup_cpu_dispatch(spec.get("cpu_dispatch", "sync") == "async")
   if spec.get("compile_cache"):
     jax.config.update("jax_compilation_cache_dir", spec["compile_cache"])
   else:
@@ -447,9 +449,12 @@ def _fmt(x, spec=".2f", scale=1.0):
 
 
 def _conv_label(row: dict) -> str:
-  """The "conv" column: DenseNet3D conv_impl, then the CPU convolution library."""
+  """The "conv" column: DenseNet3D conv_impl, the CPU convolution library, then
+  the CPU dispatch ("async" only when not jaxsurv's default, inline)."""
   library = (row.get("jaxsurv") or {}).get("spec", {}).get("cpu_convs")
-  return row.get("conv_impl", "native") + (f", {library}" if library else "")
+  dispatch = row.get("cpu_dispatch", "sync")
+  return (row.get("conv_impl", "native") + (f", {library}" if library else "")
+          + (", async dispatch" if dispatch == "async" else ""))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -525,7 +530,8 @@ def pipeline_notes(rows: list[dict], pipe: dict | None, results_md: pathlib.Path
                    f"{ratio:.1f}x ({'>= 5x' if ratio >= 5 else '**< 5x**'})")
     notes.append(f"Train step at local {r['grid']}^3 batch {r['batch']}, {r.get('cores')} "
                  f"core(s), augmentation "
-                 f"{'on (as configured)' if r['augment'] else 'off'}, {r['dtype']}: "
+                 f"{'on (as configured)' if r['augment'] else 'off'}, {r['dtype']}"
+                 f"{', async dispatch' if r.get('cpu_dispatch') == 'async' else ''}: "
                  f"**{rate:.1f} samples/s**; " + "; ".join(parts) + ".")
   return notes
 
@@ -562,9 +568,13 @@ def section_text(rows, pipe, notes, meta) -> str:
       "`torch.set_num_threads` = the row's cores).",
       "* Cores: each measurement runs in its own process pinned (CPU affinity) to the row's "
       "number of cores; XLA sizes its CPU thread pool from them.",
-      f"* Allocator: glibc malloc `{meta.get('malloc', 'default')}` in both frameworks' "
-      "processes (`default`: glibc's own settings; `reuse`: "
-      "`jaxsurv.malloc.reuse_freed_memory`, as a jaxsurv command with JAXSURV_MALLOC=reuse).",
+      f"* Allocator: glibc malloc `{meta.get('malloc', 'reuse')}` in both frameworks' "
+      "processes (`reuse`: `jaxsurv.malloc.reuse_freed_memory`, as jaxsurv commands set it; "
+      "`default`: glibc's own settings, as JAXSURV_MALLOC=default).",
+      "* CPU dispatch: jaxsurv's CPU programs run in the calling thread "
+      "(`jax_cpu_enable_async_dispatch` off, as jaxsurv commands run them; rows whose conv "
+      "column says \"async dispatch\": JAX's default worker thread, a command's "
+      "`--cpu_async_dispatch`).",
       f"* Command: `{meta['command']}`",
       "* Load average (1, 5, 15 min): start " + ", ".join(f"{x:.2f}" for x in la0)
       + "; end " + ", ".join(f"{x:.2f}" for x in la1) + "."
@@ -648,9 +658,15 @@ def main(argv=None) -> int:
                  default=["config"], help="library of the CPU 2D convolutions "
                  "(config.xla_cpu_convolutions; 'config': the config's own); several: one "
                  "jaxsurv row each against the same torch run")
-  p.add_argument("--malloc", choices=["default", "reuse"], default="default",
-                 help="glibc malloc settings in both frameworks' worker processes: glibc's "
-                 "defaults, or 'reuse' (jaxsurv.malloc, as JAXSURV_MALLOC=reuse)")
+  p.add_argument("--cpu-dispatch", nargs="+", choices=["sync", "async"], default=["sync"],
+                 help="jaxsurv's CPU programs run in the calling thread ('sync', as jaxsurv "
+                 "commands run them) or on JAX's worker thread ('async', JAX's default, a "
+                 "command's --cpu_async_dispatch); several: one jaxsurv row each against the "
+                 "same torch run")
+  p.add_argument("--malloc", choices=["default", "reuse"], default="reuse",
+                 help="glibc malloc settings in both frameworks' worker processes: 'reuse' "
+                 "(jaxsurv.malloc, as jaxsurv commands set it), or glibc's defaults (as "
+                 "JAXSURV_MALLOC=default)")
   p.add_argument("--pipeline-patients", type=int, default=512)
   p.add_argument("--pipeline-batches", type=int, default=100)
   p.add_argument("--compile-cache", default=None, help="use this persistent compilation cache")
@@ -696,14 +712,15 @@ def main(argv=None) -> int:
     for cores in args.cores:
       for dtype in args.dtype:
         for aug in augs:
-          t = None  # One torch run per setting, shared by the conv_impl/cpu_convs rows.
-          for impl, convs in itertools.product(args.conv_impl, args.cpu_convs):
+          t = None  # One torch run per setting, shared by the conv_impl/cpu_convs/dispatch rows.
+          for impl, convs, dispatch in itertools.product(args.conv_impl, args.cpu_convs,
+                                                         args.cpu_dispatch):
             spec = {"config": name, "grid": args.grid, "batch": args.batch, "augment": aug,
                     "dtype": dtype, "warmup": warmup, "steps": steps, "cores": cores,
                     "compile_cache": args.compile_cache,
                     "torch_channels_last": args.torch_channels_last, "conv_impl": impl,
                     "cpu_convs": None if convs == "config" else convs,
-                    "malloc": args.malloc}
+                    "malloc": args.malloc, "cpu_dispatch": dispatch}
             if args.rounds > 1:  # Interleaved rounds, pooled (see --rounds).
               spec["compile_cache"] = args.compile_cache or tempfile.mkdtemp(dir=tmp_cache.name)
               js, ts = [], []
@@ -720,7 +737,7 @@ def main(argv=None) -> int:
             resolved = j.get("spec", spec)
             row = {"config": name, "grid": resolved["grid"], "batch": resolved["batch"],
                    "augment": aug, "dtype": dtype, "cores": j.get("cores", cores),
-                   "conv_impl": impl, "jaxsurv": j}
+                   "conv_impl": impl, "cpu_dispatch": dispatch, "jaxsurv": j}
             if not args.no_torch and "error" not in j:
               if t is None:
                 t = _run_worker("torch", resolved, args.timeout)

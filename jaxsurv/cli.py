@@ -69,6 +69,44 @@ def define_compilation_cache_flag(flag_values: flags.FlagValues = flags.FLAGS) -
         flag_values=flag_values)
 
 
+def define_cpu_dispatch_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines ``--cpu_async_dispatch`` on ``flag_values`` (once)."""
+  if "cpu_async_dispatch" not in flag_values:
+    flags.DEFINE_boolean(
+        "cpu_async_dispatch", False, "On the CPU backend, run each compiled program on a JAX "
+        "worker thread while Python goes on (JAX's default). Off (jaxsurv's default): the "
+        "calling thread runs it, which made the DenseNet-121 train step about 20% faster on "
+        "2 cores (benchmarks/RESULTS.md, 'Train step'). No effect on GPU or TPU",
+        flag_values=flag_values)
+
+
+def setup_cpu_dispatch(asynchronous: bool) -> None:
+  """Sets JAX's ``jax_cpu_enable_async_dispatch`` for this process.
+
+  Off, XLA:CPU runs a program in the thread that calls it and returns when it
+  is done. On (JAX's default), a JAX worker thread runs it. Each execution
+  allocates the program's temporary buffer
+  (``compiled.memory_analysis().temp_size_in_bytes``, 91 MiB for the
+  DenseNet-121 train step at 32^3, batch 2) and frees it at the end; on a
+  worker thread glibc maps and unmaps it every time, about 23,000 minor page
+  faults and 50-70 ms of kernel time per step on 2 cores. Inline, with
+  ``jaxsurv.malloc``'s settings (the main thread's heap keeps the freed
+  block), the same step took 111-114 ms against 130-165 ms (per-round
+  medians, Intel Xeon, 2 cores, ``benchmarks/RESULTS.md``, "Train step");
+  the ``local`` step (no buffer that large) was unchanged. Only
+  single-device CPU programs are affected: GPU and TPU dispatch are not.
+
+  JAX reads the setting when it creates its CPU client, so this must run
+  before the first JAX computation; :func:`run` calls it before the
+  command's ``main``. Importing jaxsurv never changes it.
+
+  Args:
+    asynchronous: True for JAX's worker-thread dispatch, False for inline.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_cpu_enable_async_dispatch", bool(asynchronous))
+
+
 def setup_compilation_cache(enabled: bool) -> pathlib.Path | None:
   """Turns JAX's persistent compilation cache on (or off) for this process.
 
@@ -206,9 +244,10 @@ def _run_main(main: Callable[..., Any], flag_values: flags.FlagValues | None,
               argv: Sequence[str]) -> Any:
   _quiet_libraries()
   setup_compilation_cache(flags.FLAGS["compilation_cache"].value)
+  setup_cpu_dispatch(flags.FLAGS["cpu_async_dispatch"].value)
 
   def start(*args):
-    # Before JAX starts its threads (opt-in, JAXSURV_MALLOC=reuse).
+    # Before JAX's compiler and programs allocate (unless JAXSURV_MALLOC=default).
     malloc.reuse_freed_memory()
     # Before any JAX computation: a multi-process run connects first.
     distributed.initialize_from_flags(flags.FLAGS)
@@ -223,12 +262,14 @@ def run(main: Callable[..., Any], *, define_flags: DefineFlags | None = None,
 
   absl logging is set to WARNING before ``main`` runs unless ``--verbosity``
   is given; JAX's persistent compilation cache is on unless
-  ``--nocompilation_cache`` (``setup_compilation_cache``); a multi-process
+  ``--nocompilation_cache`` (``setup_compilation_cache``); CPU programs run
+  in the calling thread unless ``--cpu_async_dispatch``
+  (``setup_cpu_dispatch``); a multi-process
   run connects its processes first (``jaxsurv.distributed``: the
   ``--distributed``, ``--coordinator_address``, ``--num_processes``,
   ``--process_id``, ``--distributed_timeout`` and ``--heartbeat_timeout``
-  flags of every command); with ``JAXSURV_MALLOC=reuse`` glibc's malloc
-  keeps freed memory for reuse (``jaxsurv.malloc``).
+  flags of every command); glibc's malloc keeps freed memory for reuse
+  unless ``JAXSURV_MALLOC=default`` (``jaxsurv.malloc``).
 
   Args:
     main: without ``define_flags``, ``main(argv)`` reading flags the caller
@@ -249,6 +290,7 @@ def run(main: Callable[..., Any], *, define_flags: DefineFlags | None = None,
   argv = list(sys.argv if argv is None else argv)
   define_debug_flag(flags.FLAGS)
   define_compilation_cache_flag(flags.FLAGS)
+  define_cpu_dispatch_flag(flags.FLAGS)
   distributed.define_flags(flags.FLAGS)
   if define_flags is not None:
     define_flags(flags.FLAGS, argv)

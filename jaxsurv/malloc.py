@@ -4,28 +4,38 @@ XLA:CPU allocates a compiled program's temporary buffer
 (``compiled.memory_analysis().temp_size_in_bytes``: 91 MiB for the
 DenseNet-121 train step at a 32^3 input and batch 2) at every execution and
 frees it at the end. glibc's malloc serves a block that large with a fresh
-``mmap`` (its mmap threshold is at most 32 MiB, and a thread's arena heap at
-most 64 MiB) and returns it with ``munmap``, so each step faults the whole
-buffer in again: about 23,000 minor page faults and 50 ms of kernel time per
-step on 2 cores (``benchmarks/RESULTS.md``, "Train step").
+``mmap`` (its mmap threshold is at most 32 MiB) and returns it with
+``munmap``, so each step faults the whole buffer in again: about 23,000 minor
+page faults and 50-70 ms of kernel time per step on 2 cores
+(``benchmarks/RESULTS.md``, "Train step").
 
 :func:`reuse_freed_memory` sets, with ``mallopt`` (glibc's mallopt(3)):
 
-* ``M_ARENA_MAX`` = 1: every thread allocates from the main heap, which
-  grows without a size cap (a thread arena's heap would fall back to
-  ``mmap`` for a large block);
-* ``M_MMAP_MAX`` = 0: no block is served by ``mmap``;
+* ``M_MMAP_MAX`` = 0: no block is served by a mapping of its own; the main
+  heap grows instead;
 * ``M_TRIM_THRESHOLD`` = 2^31 - 1 bytes: freed memory at the top of the heap
   is kept for reuse (up to 2 GiB) instead of being returned to the system.
 
-The cost: the process keeps freed memory (its resident size stays near its
-peak), and threads share one arena, which made XLA's (multi-threaded) cold
-compile about 2x slower (DenseNet-121 54 -> 100 s, ``local`` 8 -> 14 s) and
-the ``local`` step, which has no buffer above the threshold, no faster. So
-it is opt-in: with ``JAXSURV_MALLOC=reuse`` :func:`jaxsurv.cli.run` (every
-jaxsurv command line) calls it before JAX starts its threads; unset or
-``default`` keeps glibc's own settings. Importing jaxsurv never calls it, so
-code that reuses jaxsurv's losses keeps its allocator as it was.
+This helps the thread that owns the main heap: the main thread. A JAX
+worker thread allocates from a thread arena, whose heaps are at most 64 MiB,
+so glibc still maps a larger block for it. jaxsurv commands therefore also
+run CPU programs in the calling thread (``jaxsurv.cli.setup_cpu_dispatch``).
+Together they took the DenseNet-121 step on 2 Intel Xeon cores from 142-155
+ms (about 23,300 faults per step) to 110-114 ms (under 200), whether the
+program was compiled in the process or loaded from the compilation cache;
+inline dispatch with glibc's own settings was as fast only with a cached
+program (146 ms and 23,300 faults per step after compiling in the process).
+An earlier version also set ``M_ARENA_MAX`` = 1 (every thread on the main
+heap); that made XLA's multi-threaded compile slower (DenseNet-121 45 ->
+66 s) and the step compiled in the same process twice as slow (241 ms), so
+it is gone.
+
+The cost: the process keeps freed memory at the top of its heap (its
+resident size stays near its peak). :func:`jaxsurv.cli.run` (every jaxsurv
+command line) calls :func:`reuse_freed_memory` before JAX starts its
+threads unless ``JAXSURV_MALLOC=default`` (glibc's own settings). Importing
+jaxsurv never calls it, so code that reuses jaxsurv's losses keeps its
+allocator as it was.
 """
 
 from __future__ import annotations
@@ -42,7 +52,6 @@ CHOICES = ("reuse", "default")
 # mallopt(3) parameter numbers (glibc malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-M_ARENA_MAX = -8
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int.
 
 
@@ -59,10 +68,10 @@ def _glibc():
 
 
 def reuse_freed_memory(environ=None) -> str:
-  """Applies the module docstring's malloc settings when ``$JAXSURV_MALLOC`` is "reuse".
+  """Applies the module docstring's malloc settings unless ``$JAXSURV_MALLOC`` is "default".
 
-  Call it before any thread other than the main one allocates (before JAX
-  creates its CPU client): a thread that already has its own arena keeps it.
+  The settings are process-wide and apply to later allocations: call it
+  before JAX starts (its compiler and programs allocate from then on).
 
   Args:
     environ: the environment to read (default ``os.environ``).
@@ -73,19 +82,18 @@ def reuse_freed_memory(environ=None) -> str:
 
   Raises:
     UserError: ``$JAXSURV_MALLOC`` is set to something else than "reuse" or
-      "default".
+      "default" (unset or empty: "reuse").
   """
   environ = os.environ if environ is None else environ
-  choice = environ.get(ENV, "default").strip().lower() or "default"
+  choice = environ.get(ENV, "reuse").strip().lower() or "reuse"
   if choice not in CHOICES:
-    raise UserError(f"{ENV} must be one of {CHOICES} (or unset: default), got {environ[ENV]!r}")
+    raise UserError(f"{ENV} must be one of {CHOICES} (or unset: reuse), got {environ[ENV]!r}")
   if choice == "default":
-    return f"default ({ENV} unset or default)"
+    return f"default ({ENV}=default)"
   libc = _glibc()
   if libc is None:
     return "default (not Linux with glibc)"
-  for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
-                       (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
+  for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
     if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
       return f"default (mallopt({param}, {value}) refused)"
   return "reuse"
