@@ -448,13 +448,18 @@ def _fmt(x, spec=".2f", scale=1.0):
   return "–" if x is None else format(x * scale, spec)
 
 
+def _dispatch_label(row: dict) -> str:
+  """", async dispatch" for a row run with JAX's worker-thread dispatch, else ""
+  (jaxsurv's default, inline)."""
+  return ", async dispatch" if row.get("cpu_dispatch") == "async" else ""
+
+
 def _conv_label(row: dict) -> str:
   """The "conv" column: DenseNet3D conv_impl, the CPU convolution library, then
-  the CPU dispatch ("async" only when not jaxsurv's default, inline)."""
+  the CPU dispatch (``_dispatch_label``)."""
   library = (row.get("jaxsurv") or {}).get("spec", {}).get("cpu_convs")
-  dispatch = row.get("cpu_dispatch", "sync")
   return (row.get("conv_impl", "native") + (f", {library}" if library else "")
-          + (", async dispatch" if dispatch == "async" else ""))
+          + _dispatch_label(row))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -531,7 +536,7 @@ def pipeline_notes(rows: list[dict], pipe: dict | None, results_md: pathlib.Path
     notes.append(f"Train step at local {r['grid']}^3 batch {r['batch']}, {r.get('cores')} "
                  f"core(s), augmentation "
                  f"{'on (as configured)' if r['augment'] else 'off'}, {r['dtype']}"
-                 f"{', async dispatch' if r.get('cpu_dispatch') == 'async' else ''}: "
+                 f"{_dispatch_label(r)}: "
                  f"**{rate:.1f} samples/s**; " + "; ".join(parts) + ".")
   return notes
 

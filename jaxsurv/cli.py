@@ -84,17 +84,13 @@ def setup_cpu_dispatch(asynchronous: bool) -> None:
   """Sets JAX's ``jax_cpu_enable_async_dispatch`` for this process.
 
   Off, XLA:CPU runs a program in the thread that calls it and returns when it
-  is done. On (JAX's default), a JAX worker thread runs it. Each execution
-  allocates the program's temporary buffer
-  (``compiled.memory_analysis().temp_size_in_bytes``, 91 MiB for the
-  DenseNet-121 train step at 32^3, batch 2) and frees it at the end; on a
-  worker thread glibc maps and unmaps it every time, about 23,000 minor page
-  faults and 50-70 ms of kernel time per step on 2 cores. Inline, with
-  ``jaxsurv.malloc``'s settings (the main thread's heap keeps the freed
-  block), the same step took 111-114 ms against 130-165 ms (per-round
-  medians, Intel Xeon, 2 cores, ``benchmarks/RESULTS.md``, "Train step");
-  the ``local`` step (no buffer that large) was unchanged. Only
-  single-device CPU programs are affected: GPU and TPU dispatch are not.
+  is done; on (JAX's default), a JAX worker thread runs it. Inline in a
+  jaxsurv command, a program's per-execution temporary buffer comes from the
+  main thread's heap, which ``jaxsurv.malloc``'s settings keep for the next
+  step; a worker
+  thread's arena maps and unmaps it every time (``jaxsurv.malloc`` gives the
+  measurements). Only single-device CPU programs are affected: GPU and TPU
+  dispatch are not.
 
   JAX reads the setting when it creates its CPU client, so this must run
   before the first JAX computation; :func:`run` calls it before the

@@ -20,11 +20,13 @@ This helps the thread that owns the main heap: the main thread. A JAX
 worker thread allocates from a thread arena, whose heaps are at most 64 MiB,
 so glibc still maps a larger block for it. jaxsurv commands therefore also
 run CPU programs in the calling thread (``jaxsurv.cli.setup_cpu_dispatch``).
-Together they took the DenseNet-121 step on 2 Intel Xeon cores from 142-155
-ms (about 23,300 faults per step) to 110-114 ms (under 200), whether the
-program was compiled in the process or loaded from the compilation cache;
-inline dispatch with glibc's own settings was as fast only with a cached
-program (146 ms and 23,300 faults per step after compiling in the process).
+Together they took the DenseNet-121 step on 2 Intel Xeon cores from 137-165
+ms (per-round medians; about 23,300 faults per step) to 111-117 ms (under
+200 faults), whether the program was compiled in the process or loaded from
+the compilation cache; inline dispatch with glibc's own settings was as fast
+only with a cached program (154 ms in the round that compiled in the
+process). The ``local`` step, which has no buffer that large, was unchanged
+(``benchmarks/RESULTS.md``, "Train step").
 An earlier version also set ``M_ARENA_MAX`` = 1 (every thread on the main
 heap); that made XLA's multi-threaded compile slower (DenseNet-121 45 ->
 66 s) and the step compiled in the same process twice as slow (241 ms), so
