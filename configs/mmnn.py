@@ -23,7 +23,8 @@ Expected results (``local`` on rotterdam_rendered, 2 CPU cores, about 2 min
 multimodal OS 0.71 (0.017), DM 0.69 (0.017), measured 0.705 / 0.686 on
 2026-12-02 (selected epoch 21; 0.709 / 0.691 on 2026-12-01 with XLA's 3D
 convolutions, which are slower on CPU: same maths, other float32 rounding;
-runs on other machines of the same kind varied by about 0.01); clinical only
+runs on other machines of the same kind varied by about 0.01; 0.714 / 0.687 on
+2026-12-04 with the 3^3 stem as im2col, selected epoch 8); clinical only
 0.705 / 0.677; image only 0.628 / 0.611. The paper's default config has not
 been run here (no GPU host).
 """
