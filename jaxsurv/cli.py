@@ -87,10 +87,9 @@ def setup_cpu_dispatch(asynchronous: bool) -> None:
   is done; on (JAX's default), a JAX worker thread runs it. Inline in a
   jaxsurv command, a program's per-execution temporary buffer comes from the
   main thread's heap, which ``jaxsurv.malloc``'s settings keep for the next
-  step; a worker
-  thread's arena maps and unmaps it every time (``jaxsurv.malloc`` gives the
-  measurements). Only single-device CPU programs are affected: GPU and TPU
-  dispatch are not.
+  step; a worker thread's arena maps and unmaps it every time
+  (``jaxsurv.malloc`` gives the measurements). Only single-device CPU
+  programs are affected: GPU and TPU dispatch are not.
 
   JAX reads the setting when it creates its CPU client, so this must run
   before the first JAX computation; :func:`run` calls it before the

@@ -210,13 +210,17 @@ def test_cpu_compiler_options_move_convolutions_from_ynnpack_to_eigen():
   np.testing.assert_allclose(eigen(x, k), xla(x, k), rtol=1e-5, atol=1e-5)
 
 
+# 16^3: the dense layer's 3^3 convolution then runs at 4^3 as "slices" (the
+# stem, 3^3 at stride 2, runs as "cols").
+_TINY_GRID = (16, 16, 16)
+
+
 def _tiny_mmnn_config(library):
   from configs import mmnn  # pylint: disable=import-outside-toplevel
   c = mmnn.get_config("local")
-  # 16^3: the dense layer's 3^3 convolution then runs at 4^3 as "slices" (the
-  # stem, 3^3 at stride 2, runs as "cols"). More than 16 channels, so that XLA
-  # gives it to YNNPACK by default.
-  c.data.preprocess.grid = (16, 16, 16)
+  # More than 16 channels, so that XLA gives the dense layer's convolution to
+  # YNNPACK by default.
+  c.data.preprocess.grid = _TINY_GRID
   c.model.image.update(dict(init_features=20, growth_rate=5, block_config=(1,), bn_size=4,
                             dropout_rate=0.0, head_dropout_rate=0.0))
   c.model.clinical.dropout_rate = 0.0
@@ -233,7 +237,7 @@ def test_trainer_step_is_the_same_on_either_cpu_convolution_library():
   from jaxsurv.trainer import loop  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   b = 4
-  part = loop.Part({"inputs": {"image": rng.normal(size=(b, 16, 16, 16, 2)).astype(np.float32),
+  part = loop.Part({"inputs": {"image": rng.normal(size=(b, *_TINY_GRID, 2)).astype(np.float32),
                                "clinical": rng.normal(size=(b, 11)).astype(np.float32)},
                     "presence": {}, "duration": rng.integers(1, 6, size=(b, 2)).astype(np.float32),
                     "event": np.array([[1, 0], [1, 1], [0, 1], [1, 1]], np.int32),

@@ -2,7 +2,7 @@
 
 ``Conv3D`` computes exactly what ``flax.linen.Conv`` computes for a 3D
 kernel (same ``kernel`` ``[kd, kh, kw, in, out]`` and ``bias`` parameters,
-so checkpoints are interchangeable), in one of two ways:
+so checkpoints are interchangeable), in one of four ways:
 
 * ``"native"``: one ``lax.conv_general_dilated`` over ``[batch, depth,
   height, width, channels]`` (cuDNN on GPU);
