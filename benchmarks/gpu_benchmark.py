@@ -37,6 +37,10 @@ Commands::
   # a GPU host, fresh checkout: installs the CUDA jax, torch and MONAI, runs
   # everything and writes the "One-shot GPU benchmark" section of RESULTS.md:
   bash benchmarks/gpu_benchmark.sh
+  # a GPU host with no network whose Python has the CUDA jax and torch: the
+  # missing packages travel as wheels in .whl (gpu_benchmark.sh says how to
+  # download them), installed without an index:
+  bash benchmarks/gpu_benchmark.sh --wheels .whl
   # CPU smoke test at tiny shapes (what tests/test_gpu_benchmark.py runs):
   python benchmarks/gpu_benchmark.py --model local --grid 16 --batches 2 \\
       --dtypes float32 --remat off on --warmup 1 --steps 1 --results /tmp/R.md
