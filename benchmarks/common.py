@@ -75,6 +75,15 @@ def cpu_model() -> str:
   return platform.processor() or "unknown CPU"
 
 
+def git_commit() -> str:
+  """This checkout's short commit hash, or ``"unknown"`` outside a git checkout."""
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
 def _subsections(body: str) -> list[tuple[str, str]]:
   """``(title, text)`` of each ``### `` subsection of a section's text, in order."""
   parts = re.split(r"^(?=### )", body, flags=re.M)

@@ -484,7 +484,7 @@ def main(argv=None) -> int:
           "command": "python benchmarks/gpu_benchmark.py " + " ".join(
               sys.argv[1:] if argv is None else argv),
           "model": args.model, "grid": args.grid, "warmup": args.warmup, "steps": args.steps,
-          "commit": tsb._commit()}  # pylint: disable=protected-access
+          "commit": common.git_commit()}
   text = section_text(rows, meta)
   print(text)
   on_gpu = any(r["framework"] == "jaxsurv" and r.get("backend") == "gpu" for r in rows)

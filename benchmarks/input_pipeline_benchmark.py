@@ -36,7 +36,6 @@ import dataclasses
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
@@ -173,7 +172,7 @@ def section_text(rows: list[Row], notes: list[str], args, machine: str) -> str:
   cmd = "python benchmarks/input_pipeline_benchmark.py " + " ".join(args.argv)
   lines = [f"## {SECTION}", "",
            f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/input_pipeline_benchmark.py` "
-           f"(commit {_commit()}).", "",
+           f"(commit {common.git_commit()}).", "",
            f"* Machine: {machine}.",
            f"* Packages: {_versions()}.",
            f"* Command: `{cmd.strip()}`",
@@ -210,13 +209,6 @@ def section_text(rows: list[Row], notes: list[str], args, machine: str) -> str:
             "grid) is added by the trainer's benchmark.", ""]
   return "\n".join(lines)
 
-
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def write_section(path: pathlib.Path, text: str) -> None:

@@ -66,7 +66,6 @@ Extras: ``pip install -r benchmarks/requirements.txt`` (PyTorch).
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -75,7 +74,6 @@ import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -546,13 +544,6 @@ def write_section(path: pathlib.Path, text: str) -> None:
   common.write_section(path, SECTION, text)
 
 
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=REPO, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
 
 def section_text(rows, pipe, notes, meta) -> str:
   dk = sorted({(r.get("jaxsurv") or {}).get("device_kind", "?") for r in rows})
@@ -566,7 +557,7 @@ def section_text(rows, pipe, notes, meta) -> str:
   lines = [
       f"## {SECTION}", "",
       f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/train_step_benchmark.py` "
-      f"(commit {_commit()}).", "",
+      f"(commit {common.git_commit()}).", "",
       f"* Machine: {meta['cpu']}, {meta['cores']} cores; JAX devices: {', '.join(dk)}; "
       f"Python {platform.python_version()}.",
       f"* Packages: jax/jaxlib {jv}, torch {tv} (eager, {layout}, "
