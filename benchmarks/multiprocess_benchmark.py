@@ -115,7 +115,8 @@ def worker(model, n, pid, port, batch, warmup, steps, platform_name) -> dict:
 def _spawn(args, n: int, batch: int) -> dict:
   from jaxsurv import distributed
   port = distributed.free_port() if n > 1 else 0
-  env = dict(os.environ, PYTHONPATH=str(REPO))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(n), str(pid), str(port),
                              "--model", args.model, "--batch", str(batch), "--warmup",
                              str(args.warmup), "--steps", str(args.steps), "--platform",

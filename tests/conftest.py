@@ -36,6 +36,13 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def subprocess_pythonpath() -> str:
+  """``PYTHONPATH`` for a process a test starts: the repository first, then this
+  process's ``PYTHONPATH`` (packages installed with ``pip --target`` stay importable)."""
+  return os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                        if p])
+
+
 def subprocess_xla_flags(*extra: str) -> str:
   """``XLA_FLAGS`` for a process a test starts: the suite's optimisation level
   (above) and ``extra`` (e.g. ``--xla_force_host_platform_device_count=4``),

@@ -19,7 +19,7 @@ from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.metrics import concordance_index_censored
 from sksurv.util import Surv
 
-from conftest import REPO
+from conftest import REPO, subprocess_pythonpath
 from configs import fusion as fusion_configs
 from jaxsurv import cv
 from jaxsurv.data import multimodal as mm
@@ -349,7 +349,7 @@ def test_cli_bad_command_lines(captured, tmp_path, capsys):
 def test_cli_as_a_module_ends_with_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "jaxsurv.cv", "table", "--entries=healnet",
                          f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=300,
-                        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO),
+                        cwd=REPO, env=dict(os.environ, PYTHONPATH=subprocess_pythonpath(),
                                            JAXSURV_CACHE=str(tmp_path / "cache")))
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines() == [

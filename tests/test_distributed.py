@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, subprocess_xla_flags
+from conftest import REPO, subprocess_pythonpath, subprocess_xla_flags
 from jaxsurv import distributed
 from jaxsurv.errors import UserError
 
@@ -41,7 +41,7 @@ def _start(kind, n, out: pathlib.Path, *, epochs=2, batch=12, only=None, timeout
   """Starts processes ``only`` (default all) of an ``n``-process run."""
   out.mkdir(parents=True, exist_ok=True)
   port = _free_port() if n > 1 else 0
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), WORKER_TIMEOUT=timeout)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=subprocess_pythonpath(), WORKER_TIMEOUT=timeout)
   env["XLA_FLAGS"] = subprocess_xla_flags()  # No device-count flags.
   return [subprocess.Popen(
       [sys.executable, str(WORKER), kind, str(n), str(pid), str(port), str(out), str(epochs),

@@ -28,7 +28,7 @@ import pytest
 from jaxsurv import federated, federated_app
 from jaxsurv.data import sites as sites_lib
 
-from conftest import REPO, tiny_site
+from conftest import REPO, subprocess_pythonpath, tiny_site
 
 BIN = pathlib.Path(sys.executable).parent
 SPEC = "configs/sarcnet.py:local"
@@ -74,7 +74,7 @@ def _env(home: pathlib.Path) -> dict:
   compilation cache."""
   cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
   path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
-  return dict(os.environ, PATH=path, PYTHONPATH=str(REPO), FLWR_HOME=str(home), JAX_PLATFORMS="cpu",
+  return dict(os.environ, PATH=path, PYTHONPATH=subprocess_pythonpath(), FLWR_HOME=str(home), JAX_PLATFORMS="cpu",
               JAX_COMPILATION_CACHE_DIR=str(cache),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")

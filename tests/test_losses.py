@@ -19,7 +19,7 @@ from jax.test_util import check_grads
 
 from jaxsurv.losses import checked_cox_ph_loss, cox_ph_loss, discrete_time_nll, duration_ranks
 
-from conftest import REPO, subprocess_xla_flags
+from conftest import REPO, subprocess_pythonpath, subprocess_xla_flags
 
 
 def brute_force_cox_nll(risk, duration, event, ties):
@@ -237,7 +237,7 @@ def test_sharded_loss_equals_single_device():
       """)
   env = dict(os.environ,
              XLA_FLAGS=subprocess_xla_flags("--xla_force_host_platform_device_count=4"),
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+             JAX_PLATFORMS="cpu", PYTHONPATH=subprocess_pythonpath())
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -32,7 +32,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, tiny_mmnn_config
+from conftest import REPO, subprocess_pythonpath, tiny_mmnn_config
 from jaxsurv import predict
 from jaxsurv.data import mri
 from jaxsurv.errors import UserError
@@ -295,7 +295,7 @@ def test_real_brain_scans_through_the_command_line(trained, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "jaxsurv.predict", f"--workdir={workdir}", f"--manifest={manifest}",
        f"--out={out}", "--heatmaps", "--layer", "last_dense_block", "--no_progress"],
-      env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+      env=dict(os.environ, PYTHONPATH=subprocess_pythonpath()), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   pred = pd.read_csv(out / "predictions.csv")
   assert pred["patient_id"].tolist() == ["brain1", "brain2"]

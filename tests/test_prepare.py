@@ -19,6 +19,7 @@ import pytest
 import scipy.stats
 import tensorflow_datasets as tfds
 
+from conftest import subprocess_pythonpath
 from jaxsurv.data import manifest as mf
 from jaxsurv.data import mri
 from jaxsurv.data import phantom
@@ -298,7 +299,7 @@ def test_cli_prepare_and_list(env, tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("JAXSURV_CACHE", str(env["root"] / "cache"))
   data_dir = tmp_path / "tfds"
   run_env = dict(os.environ, JAXSURV_CACHE=str(env["root"] / "cache"),
-                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                 PYTHONPATH=subprocess_pythonpath())
   cmd = [sys.executable, "-m", "jaxsurv.data", "prepare", "sarcoma_phantom", "--n-patients", "4",
          "--grid", "12", "--spacing-mm", "3", "--data-dir", str(data_dir), "--workers", "2"]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=run_env)

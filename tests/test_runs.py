@@ -21,14 +21,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_mmnn_config
+from conftest import REPO, subprocess_pythonpath, tiny_mmnn_config
 from jaxsurv import cli, runs
 from jaxsurv.data import multimodal as mm
 from jaxsurv.errors import UserError
 
 
 def _env(**extra):
-  return dict(os.environ, PYTHONPATH=str(REPO), **extra)
+  return dict(os.environ, PYTHONPATH=subprocess_pythonpath(), **extra)
 
 
 def _snapshot(folder: pathlib.Path) -> dict:

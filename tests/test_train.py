@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from jaxsurv import augment
-from conftest import REPO, subprocess_xla_flags, tiny_mmnn_config
+from conftest import REPO, subprocess_pythonpath, subprocess_xla_flags, tiny_mmnn_config
 
 
 def test_augment_identity_and_flip_are_exact():
@@ -105,7 +105,7 @@ def test_sharded_train_step_equals_single_device():
   """On 4 fake CPU devices the data-parallel step equals the single-device step (SGD)."""
   env = dict(os.environ,
              XLA_FLAGS=subprocess_xla_flags("--xla_force_host_platform_device_count=4"),
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+             JAX_PLATFORMS="cpu", PYTHONPATH=subprocess_pythonpath())
   proc = subprocess.run([sys.executable, "-c", _STEP_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
