@@ -14,10 +14,11 @@
 # numpy, scipy, scikit-learn, pandas, nibabel, SimpleITK).
 #
 # 1. --wheels DIR installs every wheel in DIR, without dependencies and without any
-#    package index, into a private folder put first on PYTHONPATH
+#    package index (DIR relative to the current folder), into a private folder put first on
+#    PYTHONPATH
 #    (${TMPDIR:-/tmp}/jaxsurv-gpu-site). That is for a GPU host with no network whose
 #    Python already has jax on the GPU and torch with CUDA. Make DIR on a machine that
-#    has a package index, for the host's Python (3.12 here):
+#    has a package index, for the host's Python version (3.12 below):
 #      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #        --implementation cp --platform manylinux_2_28_x86_64 \
 #        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
@@ -34,6 +35,7 @@
 #    comes on top) and, when jaxsurv ran on a GPU, writes the "One-shot GPU benchmark"
 #    section of benchmarks/RESULTS.md.
 set -euo pipefail
+start_dir=$PWD
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 MONAI_VERSION=1.6.1
@@ -47,7 +49,7 @@ while (($#)); do
     --check) check_only=1; shift ;;
     --wheels)
       if (($# < 2)); then echo "gpu_benchmark.sh: --wheels needs a folder" >&2; exit 2; fi
-      wheels="$2"; shift 2 ;;
+      wheels="$2"; [[ "$wheels" = /* ]] || wheels="$start_dir/$wheels"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "gpu_benchmark.sh: unknown argument '$1' (flags for the benchmark go after --)" >&2
        exit 2 ;;

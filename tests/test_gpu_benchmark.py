@@ -101,7 +101,7 @@ def test_wheels_are_installed_offline_into_a_private_site(tmp_path):
   wheels = tmp_path / "wheels"
   wheels.mkdir()
   _probe_wheel(wheels)
-  proc = _script("--wheels", str(wheels), "--check",
+  proc = _script("--wheels", "wheels", "--check", cwd=tmp_path,  # relative to the caller's folder
                  env={"TMPDIR": str(tmp_path), "JAXSURV_GPU_BENCHMARK_ON_CPU": "1"})
   assert "installing 1 wheels" in proc.stdout, proc.stdout + proc.stderr
   site = tmp_path / "jaxsurv-gpu-site"
